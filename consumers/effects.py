@@ -1,0 +1,167 @@
+"""What one batch of one partition does, computed without I/O: the processor's functional core.
+
+`apply_batch` runs `transition` over the batch's commands (and `expire` over the promises that fell
+due) against the store plus an in-batch overlay, and returns every record to publish and every
+change to persist. Nothing here touches Kafka; the writer publishes `Effects` in one transaction
+and only then persists `Effects.changes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from aiokafka.partitioner import murmur2
+
+from dp.config import Topics
+from dp.machine import Outcome, expire, reply_for, transition
+from dp.wire import Command, InvalidCommand, Limits, Promise, Reply, decode_command, encode, reply_address
+
+Headers = list[tuple[str, bytes]]
+
+
+class Incoming(NamedTuple):
+    """The parts of a consumed command record the processor needs."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Outgoing(NamedTuple):
+    """One record to publish in the batch's transaction (`partition` None: partition by key)."""
+
+    topic: str
+    partition: int | None
+    key: bytes | None
+    value: bytes
+    headers: Headers | None = None
+
+
+@dataclass
+class Effects:
+    """Everything a batch publishes (in order) and the records it changed (latest version per id)."""
+
+    messages: list[Outgoing] = field(default_factory=list)
+    changes: dict[str, Promise] = field(default_factory=dict)
+    persist: list[tuple[Promise, bytes]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.messages)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where this partition's writer publishes, and what it accepts."""
+
+    partition: int
+    partitions: int
+    topics: Topics
+    limits: Limits
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2, positive, modulo P), as every client uses it."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def apply_batch(
+    route: Route,
+    read: Callable[[str], Promise | None],
+    records: list[Incoming],
+    due: list[Promise],
+    now: int,
+    reply_topics: Mapping[str, int],
+) -> Effects:
+    """Apply due timeouts, then each command in log order; `reply_topics` maps topic -> partition count."""
+    effects = Effects()
+
+    def current(promise_id: str) -> Promise | None:
+        changed = effects.changes.get(promise_id)
+        return changed if changed is not None else read(promise_id)
+
+    for promise in due:
+        outcome = expire(promise, now)
+        if outcome is not None:
+            record_changes(route, effects, outcome)
+    for record in records:
+        try:
+            command = accept(route, record, reply_topics)
+        except InvalidCommand as problem:
+            refuse(route, effects, record, str(problem), reply_topics)
+            continue
+        outcome = transition(current(command.id), command, now)
+        record_changes(route, effects, outcome)
+        effects.messages.append(reply_message(route, command, reply_for(command, outcome)))
+    for promise_id, promise in effects.changes.items():
+        value = encode(promise)
+        effects.persist.append((promise, value))
+        effects.messages.append(Outgoing(route.topics.changelog, route.partition, promise_id.encode(), value))
+    return effects
+
+
+def accept(route: Route, record: Incoming, reply_topics: Mapping[str, int]) -> Command:
+    """Decode a command and check what decoding cannot: its key, partition and reply address."""
+    if record.value is None:
+        raise InvalidCommand("record has no value (a tombstone is not a command)")
+    command = decode_command(record.value, route.limits)
+    if record.key is None or record.key != command.id.encode():
+        raise InvalidCommand("record key must equal the command's `id` (the promise id, UTF-8)")
+    expected = partition_for(record.key, route.partitions)
+    if expected != route.partition:
+        raise InvalidCommand(
+            f"misrouted: promise {command.id!r} belongs on partition {expected}, not {route.partition}; "
+            "produce with the key set to the id and Kafka's default (murmur2) partitioner"
+        )
+    check_reply_address(route, command.reply_to, command.reply_partition, reply_topics)
+    return command
+
+
+def check_reply_address(
+    route: Route, reply_to: str | None, reply_partition: int | None, reply_topics: Mapping[str, int]
+) -> None:
+    topic = reply_to or route.topics.replies
+    count = reply_topics.get(topic, 0)
+    if count == 0:
+        raise InvalidCommand(f"`replyTo`: topic {topic!r} does not exist")
+    if reply_partition is not None and reply_partition >= count:
+        raise InvalidCommand(f"`replyPartition`: {topic!r} has {count} partitions, got {reply_partition}")
+
+
+def record_changes(route: Route, effects: Effects, outcome: Outcome) -> None:
+    if not outcome.events or outcome.promise is None:
+        return
+    effects.changes[outcome.promise.id] = outcome.promise
+    effects.messages.extend(
+        Outgoing(route.topics.events, route.partition, event.promise.id.encode(), encode(event))
+        for event in outcome.events
+    )
+
+
+def reply_message(route: Route, command: Command, reply: Reply) -> Outgoing:
+    key = (command.request_id or command.id).encode()
+    return Outgoing(command.reply_to or route.topics.replies, command.reply_partition, key, encode(reply))
+
+
+def refuse(route: Route, effects: Effects, record: Incoming, problem: str, reply_topics: Mapping[str, int]) -> None:
+    """An unusable record: answer `invalid` where an address is recoverable, copy it to the DLQ."""
+    raw = record.value or b""
+    request_id, reply_to, reply_partition = reply_address(raw)
+    try:
+        check_reply_address(route, reply_to, reply_partition, reply_topics)
+    except InvalidCommand:
+        reply_to, reply_partition = None, None
+    reply = Reply(request_id, None, None, False, "invalid", None, problem)
+    effects.messages.append(
+        Outgoing(
+            reply_to or route.topics.replies, reply_partition, (request_id or "").encode() or record.key, encode(reply)
+        )
+    )
+    headers: Headers = [
+        ("dp.error", problem.encode()),
+        ("dp.topic", route.topics.commands.encode()),
+        ("dp.partition", str(route.partition).encode()),
+        ("dp.offset", str(record.offset).encode()),
+    ]
+    effects.messages.append(Outgoing(route.topics.dlq, None, record.key, raw, headers))

@@ -1,0 +1,127 @@
+"""The single writer of one partition: a transactional producer, a RocksDB store, and the batch cycle.
+
+Per batch: compute the effects (pure), publish them with the consumer offset in one Kafka
+transaction, and only after the commit succeeded write the changes to RocksDB in one WriteBatch.
+RocksDB is therefore never ahead of Kafka; if the process dies in between, the next owner replays
+the changelog from the store's offset and catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from consumers.effects import Effects, Incoming, Route, apply_batch
+from consumers.reply_topics import ReplyTopics
+from consumers.restore import restore
+from consumers.store import PartitionStore
+from dp.config import Kafka
+
+DUE_PER_BATCH = 5_000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def transactional_id(group: str, topic: str, partition: int) -> str:
+    """Stable per input partition, so that a new owner's producer fences the previous owner's."""
+    return f"{group}-{topic}-{partition}"
+
+
+class PartitionWriter:
+    """Owns one command partition: only this object writes its store and its transactional id."""
+
+    def __init__(self, kafka: Kafka, group: str, route: Route, data_dir: Path) -> None:
+        self.kafka = kafka
+        self.group = group
+        self.route = route
+        self.source = TopicPartition(route.topics.commands, route.partition)
+        self.store_path = data_dir / group / f"partition-{route.partition}"
+        self.producer: AIOKafkaProducer | None = None
+        self.store: PartitionStore | None = None
+        self.next_offset = 0
+        self.next_deadline: int | None = None
+        self.restored = 0
+
+    async def open(self, consumer: AIOKafkaConsumer) -> None:
+        """Fence any previous owner, catch the store up from the changelog, seek to the committed offset."""
+        self.producer = AIOKafkaProducer(
+            **self.kafka.client_options(),
+            transactional_id=transactional_id(self.group, self.source.topic, self.source.partition),
+            acks="all",
+            linger_ms=5,
+            max_batch_size=256 * 1024,
+            request_timeout_ms=30_000,
+        )
+        await self.producer.start()
+        self.store = await asyncio.to_thread(PartitionStore, self.store_path)
+        changelog = TopicPartition(self.route.topics.changelog, self.route.partition)
+        self.restored = await restore(self.kafka, changelog, self.store)
+        committed = await consumer.committed(self.source)
+        self.next_offset = committed or 0
+        consumer.seek(self.source, self.next_offset)
+        self.next_deadline = self.store.next_deadline()
+
+    async def close(self) -> None:
+        producer, store = self.producer, self.store
+        self.producer = self.store = None
+        if producer is not None:
+            await producer.stop()
+        if store is not None:
+            store.close()
+
+    def due(self, now: int) -> bool:
+        return self.next_deadline is not None and self.next_deadline <= now
+
+    async def run_batch(self, records: list[Incoming], now: int, reply_topics: ReplyTopics) -> None:
+        """Apply one batch exactly once: Kafka transaction first, then RocksDB."""
+        assert self.store is not None and self.producer is not None, "writer is not open"
+        fresh = [record for record in records if record.offset >= self.next_offset]
+        due = self.store.due(now, DUE_PER_BATCH) if self.due(now) else []
+        if not fresh and not due:
+            return
+        effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics)
+        if reply_topics.missed and await reply_topics.refresh():
+            effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics)
+        changelog_end = await self.publish(effects, fresh[-1].offset + 1 if fresh else None)
+        if effects.persist:
+            self.store.write(effects.persist, changelog_end)
+        if fresh:
+            self.next_offset = fresh[-1].offset + 1
+        self.next_deadline = self.store.next_deadline()
+
+    async def publish(self, effects: Effects, next_offset: int | None) -> int:
+        """One transaction: every message plus the consumer offset. Returns the changelog's next offset."""
+        assert self.producer is not None and self.store is not None
+        producer = self.producer
+        await producer.begin_transaction()
+        try:
+            futures = [
+                await producer.send(
+                    message.topic, message.value, key=message.key, partition=message.partition, headers=message.headers
+                )
+                for message in effects.messages
+            ]
+            if next_offset is not None:
+                await producer.send_offsets_to_transaction({self.source: next_offset}, self.group)
+            await producer.commit_transaction()
+        except BaseException:
+            await abort_quietly(producer)
+            raise
+        changelog_end = self.store.changelog_offset
+        changelog = self.route.topics.changelog
+        for message, future in zip(effects.messages, futures, strict=True):
+            if message.topic == changelog:
+                changelog_end = max(changelog_end, (await future).offset + 1)
+        return changelog_end
+
+
+async def abort_quietly(producer: AIOKafkaProducer) -> None:
+    """Abort after a failure; if even that fails, the next owner's fencing aborts the transaction."""
+    with contextlib.suppress(Exception):
+        await producer.abort_transaction()

@@ -1,0 +1,42 @@
+"""Generate the wire contract's JSON Schema from the msgspec types: `python -m dp.schema [PATH]`.
+
+The schema is derived, never edited by hand; a test checks that the committed copy is current.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import msgspec
+
+from dp.wire import Command, Event, Promise, Reply
+
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "wire.schema.json"
+
+
+def generate() -> str:
+    """The schema document: one `$defs` entry per wire type, `Command` being the union tagged by `op`."""
+    (command, reply, event, promise), defs = msgspec.json.schema_components(
+        (Command, Reply, Event, Promise), ref_template="#/$defs/{name}"
+    )
+    document = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "dp wire contract v1",
+        "description": "Commands (dp.commands), replies, events (dp.events) and promise records "
+        "(dp.changelog). Unknown fields are ignored. See docs/wire.md.",
+        "$defs": {"Command": command, **defs},
+        "anyOf": [{"$ref": "#/$defs/Command"}, reply, event, promise],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    path = Path(argv[0]) if argv else DEFAULT_PATH
+    path.write_text(generate(), encoding="utf-8")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,127 @@
+"""Creating and checking the deployment's topics (WIRE.md: commands, events and changelog share P)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from dp.config import DEFAULT_PARTITIONS, Kafka, Topics
+from dp.errors import BrokerUnreachable, TopicsProblem
+
+UNKNOWN_TOPIC = 3
+READY_SECONDS = 30.0
+COMPACTED = {"cleanup.policy": "compact"}
+
+
+def partitioned(topics: Topics) -> tuple[str, str, str]:
+    """The topics whose partition numbers must line up: a promise lives on the same number in each."""
+    return (topics.commands, topics.events, topics.changelog)
+
+
+def all_topics(topics: Topics) -> tuple[str, ...]:
+    return (*partitioned(topics), topics.replies, topics.dlq)
+
+
+@asynccontextmanager
+async def admin_client(kafka: Kafka) -> Any:
+    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
+    try:
+        await admin.start()
+    except KafkaConnectionError as error:
+        await admin.close()
+        raise BrokerUnreachable(kafka.bootstrap_servers, str(error)) from None
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def partition_counts(admin: Any, names: tuple[str, ...]) -> dict[str, int]:
+    """Partition count of each existing topic among `names`; missing topics are left out."""
+    described = await admin.describe_topics(list(names))
+    return {
+        topic["topic"]: len(topic["partitions"])
+        for topic in described
+        if topic["error_code"] != UNKNOWN_TOPIC and topic["partitions"]
+    }
+
+
+def mismatch(counts: dict[str, int], topics: Topics) -> str | None:
+    present = {name: counts[name] for name in partitioned(topics) if name in counts}
+    if len(set(present.values())) > 1:
+        listing = ", ".join(f"{name} has {count}" for name, count in present.items())
+        return (
+            f"partition counts disagree ({listing}); commands, events and changelog must have the same "
+            "count: delete the odd topics (losing their data) or recreate the deployment with one count."
+        )
+    return None
+
+
+async def create_topics(
+    kafka: Kafka, topics: Topics, partitions: int | None = None, replication_factor: int = 1
+) -> list[str]:
+    """Create whatever is missing; idempotent. Returns the names created."""
+    async with admin_client(kafka) as admin:
+        counts = await partition_counts(admin, all_topics(topics))
+        problem = mismatch(counts, topics)
+        if problem:
+            raise TopicsProblem(problem)
+        existing = {counts[name] for name in partitioned(topics) if name in counts}
+        if partitions is not None and existing and existing != {partitions}:
+            raise TopicsProblem(
+                f"the topics already exist with {existing.pop()} partitions, not {partitions}; the count is fixed "
+                "for the life of a deployment: drop --partitions, or delete the topics to start over."
+            )
+        count = partitions or (existing.pop() if existing else DEFAULT_PARTITIONS)
+        missing = [
+            NewTopic(name, count, replication_factor, topic_configs=COMPACTED if name == topics.changelog else {})
+            for name in all_topics(topics)
+            if name not in counts
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+            except KafkaError as error:
+                raise TopicsProblem(
+                    f"Kafka refused to create the topics ({error}); check broker permissions."
+                ) from None
+            await wait_until_ready(admin, all_topics(topics))
+        return [topic.name for topic in missing]
+
+
+async def wait_until_ready(admin: Any, names: tuple[str, ...]) -> None:
+    """Creation is asynchronous in Kafka: return once every topic is described with its leaders."""
+    deadline = time.monotonic() + READY_SECONDS
+    while time.monotonic() < deadline:
+        described = await admin.describe_topics(list(names))
+        if all(
+            topic["error_code"] == 0
+            and topic["partitions"]
+            and all(partition["leader"] >= 0 for partition in topic["partitions"])
+            for topic in described
+        ):
+            return
+        await asyncio.sleep(0.1)
+    raise TopicsProblem(
+        f"the topics were created but have no leaders after {READY_SECONDS:.0f}s; check the broker log."
+    )
+
+
+async def check_topics(kafka: Kafka, topics: Topics) -> int:
+    """The deployment's partition count, or TopicsProblem saying how to fix the topics."""
+    async with admin_client(kafka) as admin:
+        counts = await partition_counts(admin, all_topics(topics))
+    absent = [name for name in all_topics(topics) if name not in counts]
+    if absent:
+        raise TopicsProblem(f"missing topics {', '.join(absent)}: create them with `dp topics create`.")
+    problem = mismatch(counts, topics)
+    if problem:
+        raise TopicsProblem(problem)
+    return counts[topics.commands]

@@ -1,0 +1,264 @@
+"""The wire contract (v1) as msgspec types: commands in, replies and events out, promise records.
+
+Everything on Kafka is a UTF-8 JSON object with camelCase field names; unknown fields are ignored so
+that older readers survive newer writers. `docs/wire.md` is the prose version of this module and
+`docs/wire.schema.json` is generated from it (`python -m dp.schema`).
+
+Decoders and the encoder are module-level and reused: building them per record costs more than the
+decoding itself.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal, final, get_args
+
+import msgspec
+
+State = Literal["PENDING", "RESOLVED", "REJECTED", "REJECTED_CANCELED", "REJECTED_TIMEDOUT"]
+EventType = Literal["created", "resolved", "rejected", "canceled", "timedout"]
+Status = Literal[
+    "created",
+    "resolved",
+    "rejected",
+    "canceled",
+    "deduplicated",
+    "found",
+    "not_found",
+    "already_pending",
+    "already_resolved",
+    "already_rejected",
+    "already_canceled",
+    "already_timedout",
+    "invalid",
+]
+OK_STATUSES: Final[frozenset[str]] = frozenset(
+    ("created", "resolved", "rejected", "canceled", "deduplicated", "found")
+)
+
+# Epoch milliseconds, bounded to a signed 64-bit long so that every Kafka client language can hold it.
+Millis = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+PromiseId = Annotated[str, msgspec.Meta(min_length=1)]
+Partition = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+# Any string decodes (a reader must not choke on a status added later); the schema lists the v1 set.
+StatusText = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(get_args(Status))})]
+
+
+class Value(msgspec.Struct, frozen=True, gc=False):
+    """A payload: string headers plus opaque bytes, base64 on the wire."""
+
+    headers: dict[str, str] = {}
+    data: bytes | None = None
+
+
+class Promise(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """A promise record, the same object over Kafka and HTTP; every field is always present."""
+
+    id: str
+    state: State
+    param: Value
+    value: Value
+    timeout: Millis
+    idempotency_key_for_create: str | None
+    idempotency_key_for_complete: str | None
+    tags: dict[str, str]
+    created_on: int
+    completed_on: int | None
+
+
+class _Command(msgspec.Struct, frozen=True, gc=False, rename="camel", tag_field="op"):
+    """Fields every command carries: the promise it targets and where to send the reply."""
+
+    id: PromiseId
+    request_id: str | None = None
+    reply_to: str | None = None
+    reply_partition: Partition | None = None
+
+
+class _Keyed(_Command, frozen=True, kw_only=True):
+    """An action of the specification: an idempotency key (null is ⊥, matching nothing) and `strict`."""
+
+    idempotency_key: str | None = None
+    strict: bool = False
+
+
+@final
+class Create(_Keyed, frozen=True, tag="create", kw_only=True):
+    """Create a pending promise that times out at `timeout` (epoch ms)."""
+
+    param: Value = Value()
+    timeout: Millis
+    tags: dict[str, str] = {}
+
+
+class Completion(_Keyed, frozen=True, kw_only=True):
+    """Complete a pending promise with `value`."""
+
+    value: Value = Value()
+
+
+@final
+class Resolve(Completion, frozen=True, tag="resolve"):
+    """Complete a pending promise as RESOLVED."""
+
+
+@final
+class Reject(Completion, frozen=True, tag="reject"):
+    """Complete a pending promise as REJECTED."""
+
+
+@final
+class Cancel(Completion, frozen=True, tag="cancel"):
+    """Complete a pending promise as REJECTED_CANCELED."""
+
+
+@final
+class Get(_Command, frozen=True, tag="get"):
+    """Read a promise (through the log, so the answer is linearizable)."""
+
+
+Command = Create | Resolve | Reject | Cancel | Get
+_OP_NAMES: Final[dict[type[Command], str]] = {
+    kind: str(kind.__struct_config__.tag) for kind in get_args(Command)
+}
+OPS: Final[tuple[str, ...]] = tuple(_OP_NAMES.values())
+
+
+class Reply(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """The answer to one command; `promise` is the record after the command, null if none exists."""
+
+    request_id: str | None
+    op: str | None
+    id: str | None
+    ok: bool
+    status: StatusText
+    promise: Promise | None = None
+    error: str | None = None
+
+
+class Event(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """One state change of a promise, with the record after the change."""
+
+    type: EventType
+    promise: Promise
+    request_id: str | None = None
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """Size limits on commands; over a limit a command is `invalid` and changes nothing."""
+
+    max_id_bytes: int = 256
+    max_record_bytes: int = 1024 * 1024
+    max_data_bytes: int = 512 * 1024
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+class InvalidCommand(ValueError):
+    """A command that cannot be applied; the message names the field and what is wrong with it."""
+
+
+class _Envelope(msgspec.Struct, rename="camel"):
+    """Whatever can be salvaged from a malformed command, each field of any JSON type."""
+
+    op: Any = None
+    request_id: Any = None
+    reply_to: Any = None
+    reply_partition: Any = None
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+_COMMANDS: Final[msgspec.json.Decoder[Command]] = msgspec.json.Decoder(Command)
+_PROMISES: Final = msgspec.json.Decoder(Promise)
+_REPLIES: Final = msgspec.json.Decoder(Reply)
+_EVENTS: Final = msgspec.json.Decoder(Event)
+_ENVELOPES: Final = msgspec.json.Decoder(_Envelope)
+_MALFORMED: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+encode: Final = _ENCODER.encode
+decode_promise: Final = _PROMISES.decode
+decode_reply: Final = _REPLIES.decode
+decode_event: Final = _EVENTS.decode
+
+
+def op_name(command: Command) -> str:
+    """The wire name of a command's `op` (its tag)."""
+    return _OP_NAMES[type(command)]
+
+
+def decode_command(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Command:
+    """Decode and validate one command record; anything malformed raises `InvalidCommand`, nothing else."""
+    if len(data) > limits.max_record_bytes:
+        raise InvalidCommand(f"record is {len(data)} bytes, over the limit of {limits.max_record_bytes}")
+    try:
+        command = _COMMANDS.decode(data)
+    except msgspec.ValidationError as error:
+        raise InvalidCommand(_explain(str(error), data)) from None
+    except _MALFORMED as error:
+        raise InvalidCommand(
+            f"not valid JSON: {_lower(str(error).removeprefix('JSON is malformed: '))}"
+        ) from None
+    _check_sizes(command, limits)
+    return command
+
+
+def reply_address(data: bytes) -> tuple[str | None, str | None, int | None]:
+    """Best-effort (requestId, replyTo, replyPartition) of a malformed command, so it can be answered."""
+    envelope = _envelope(data)
+    if envelope is None:
+        return None, None, None
+    partition = envelope.reply_partition
+    return (
+        envelope.request_id if isinstance(envelope.request_id, str) else None,
+        envelope.reply_to if isinstance(envelope.reply_to, str) else None,
+        partition if type(partition) is int and 0 <= partition < 2**31 else None,
+    )
+
+
+def _envelope(data: bytes) -> _Envelope | None:
+    try:
+        return _ENVELOPES.decode(data)
+    except _MALFORMED:
+        return None
+
+
+def _check_sizes(command: Command, limits: Limits) -> None:
+    id_bytes = len(command.id.encode())
+    if id_bytes > limits.max_id_bytes:
+        raise InvalidCommand(f"`id`: must be at most {limits.max_id_bytes} UTF-8 bytes, got {id_bytes}")
+    if type(command) is Create:
+        _check_data("param", command.param, limits)
+    elif type(command) is not Get:
+        _check_data("value", command.value, limits)
+
+
+def _check_data(field: str, value: Value, limits: Limits) -> None:
+    if value.data is not None and len(value.data) > limits.max_data_bytes:
+        raise InvalidCommand(
+            f"`{field}.data`: must be at most {limits.max_data_bytes} bytes decoded, got {len(value.data)}"
+        )
+
+
+def _explain(message: str, data: bytes) -> str:
+    """Translate a msgspec validation message ("Expected `int`, got `str` - at `$.timeout`") to ours."""
+    text, _, where = message.partition(" - at `$")
+    path = where.rstrip("`").removeprefix(".")
+    if text.startswith("Object missing required field `"):
+        return _missing(f"{path}.{text[31:-1]}" if path else text[31:-1], data)
+    if path == "op" and text.startswith("Invalid value "):
+        return f"`op`: unknown op {text[14:]}, expected one of {', '.join(OPS)}"
+    if not path:
+        return f"not a JSON object: {_lower(text)}"
+    return f"`{path}`: {_lower(text)}"
+
+
+def _missing(field: str, data: bytes) -> str:
+    if field == "op":
+        return f"`op`: required, one of {', '.join(OPS)}"
+    envelope = _envelope(data)
+    op = envelope.op if envelope is not None and isinstance(envelope.op, str) else "this op"
+    return f"`{field}`: required for {op}"
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]

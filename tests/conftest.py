@@ -1,0 +1,88 @@
+"""Shared fixtures: one real Kafka broker per test session, and fresh topics per test.
+
+The broker is, in order of preference: the one named by DP_BOOTSTRAP_SERVERS; a testcontainers
+Kafka container where a Docker engine answers; otherwise a throwaway broker started with
+`scripts/kafka` on a free port and a temporary data dir, always stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from dp.config import Kafka, Topics
+from dp.topics import create_topics
+
+REPO = Path(__file__).resolve().parent.parent
+KAFKA_SCRIPT = REPO / "scripts" / "kafka"
+TEST_PARTITIONS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def docker_answers() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def bootstrap_servers() -> Iterator[str]:
+    if os.environ.get("DP_BOOTSTRAP_SERVERS"):
+        yield os.environ["DP_BOOTSTRAP_SERVERS"]
+    elif docker_answers():
+        yield from container_broker()
+    else:
+        yield from script_broker()
+
+
+def container_broker() -> Iterator[str]:
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka:
+        yield kafka.get_bootstrap_server()
+
+
+def script_broker() -> Iterator[str]:
+    data = Path(tempfile.mkdtemp(prefix="dp-test-kafka-"))
+    port = free_port()
+    command = [sys.executable, str(KAFKA_SCRIPT)]
+    try:
+        started = subprocess.run(
+            [*command, "start", "--port", str(port), "--data", str(data)], capture_output=True, text=True
+        )
+        if started.returncode != 0:
+            pytest.exit(f"could not start the test broker: {started.stderr.strip()}", returncode=2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([*command, "stop", "--data", str(data)], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kafka(bootstrap_servers: str) -> Kafka:
+    return Kafka(bootstrap_servers=bootstrap_servers)
+
+
+@pytest.fixture
+async def topics(kafka: Kafka) -> AsyncIterator[Topics]:
+    """A fresh set of the five topics for one test, so tests never see each other's records."""
+    names = Topics.with_prefix(f"t{uuid.uuid4().hex[:10]}")
+    await create_topics(kafka, names, TEST_PARTITIONS)
+    yield names
