@@ -217,6 +217,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             writer = self.writers.pop(tp, None)
             if writer is not None:
                 await writer.close()
+                log.info("partition %d: closed", tp.partition)
 
 
 def incoming(records: Iterable) -> list[Incoming]:  # type: ignore[type-arg]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import RecordMetadata
 
 from consumers.effects import Effects, Incoming, Route, apply_batch
 from consumers.reply_topics import ReplyTopics
@@ -100,17 +101,21 @@ class PartitionWriter:
         assert self.producer is not None and self.store is not None
         producer = self.producer
         await producer.begin_transaction()
+        futures: list[asyncio.Future[RecordMetadata]] = []
         try:
-            futures = [
-                await producer.send(
-                    message.topic, message.value, key=message.key, partition=message.partition, headers=message.headers
-                )
-                for message in effects.messages
-            ]
+            for message in effects.messages:
+                futures.append(
+                    await producer.send(
+                        message.topic, message.value, key=message.key, partition=message.partition,
+                        headers=message.headers,
+                    )
+                )  # fmt: skip
             if next_offset is not None:
                 await producer.send_offsets_to_transaction({self.source: next_offset}, self.group)
             await producer.commit_transaction()
         except BaseException:
+            for future in futures:
+                future.add_done_callback(retrieve)
             await abort_quietly(producer)
             raise
         changelog_end = self.store.changelog_offset
@@ -119,6 +124,12 @@ class PartitionWriter:
             if message.topic == changelog:
                 changelog_end = max(changelog_end, (await future).offset + 1)
         return changelog_end
+
+
+def retrieve(future: asyncio.Future[RecordMetadata]) -> None:
+    """The transaction's error is what we report; its sends' own failures are the same story."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def abort_quietly(producer: AIOKafkaProducer) -> None:

@@ -90,7 +90,7 @@ def transition(promise: Promise | None, command: Command, now: int) -> Outcome:
         return _from_init(command, now)
     if promise.state != "PENDING":
         return Outcome(_judge_final(promise, command), promise)
-    if promise.timeout >= now:  # PLANTED BUG: the timeout instant still counts as pending
+    if promise.timeout > now:
         return _from_pending(promise, command, now)
     done = _time_out(promise)
     return Outcome(_judge_final(done, command), done, (Event("timedout", done, command.request_id),))
@@ -106,9 +106,7 @@ def expire(promise: Promise, now: int) -> Outcome | None:
 
 def reply_for(command: Command, outcome: Outcome) -> Reply:
     """The reply to `command` given what `transition` made of it."""
-    return Reply(
-        command.request_id, op_name(command), command.id, outcome.ok, outcome.status, outcome.promise
-    )
+    return Reply(command.request_id, op_name(command), command.id, outcome.ok, outcome.status, outcome.promise)
 
 
 def _time_out(promise: Promise) -> Promise:
@@ -124,16 +122,16 @@ def _from_init(command: Command, now: int) -> Outcome:
     if type(command) is not Create:
         return _NOT_FOUND
     created = Promise(
-        command.id,
-        "PENDING",
-        command.param,
-        _EMPTY,
-        command.timeout,
-        command.idempotency_key,
-        None,
-        command.tags,
-        now,
-        None,
+        id=command.id,
+        state="PENDING",
+        param=command.param,
+        value=_EMPTY,
+        timeout=command.timeout,
+        idempotency_key_for_create=command.idempotency_key,
+        idempotency_key_for_complete=None,
+        tags=command.tags,
+        created_on=now,
+        completed_on=None,
     )
     event = Event("created", created, command.request_id)
     if command.timeout > now:
@@ -145,12 +143,8 @@ def _from_init(command: Command, now: int) -> Outcome:
 def _from_pending(promise: Promise, command: Command, now: int) -> Outcome:
     """Rule 2 on a promise that is not yet due."""
     if type(command) is Create:
-        status: Status = (
-            "deduplicated"
-            if _matches(command.idempotency_key, promise.idempotency_key_for_create)
-            else "already_pending"
-        )
-        return Outcome(status, promise)
+        repeat = _matches(command.idempotency_key, promise.idempotency_key_for_create)
+        return Outcome("deduplicated" if repeat else "already_pending", promise)
     if type(command) is Get:
         return Outcome("found", promise)
     state, kind = _COMPLETIONS[type(command)]

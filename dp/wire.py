@@ -31,9 +31,7 @@ Status = Literal[
     "already_timedout",
     "invalid",
 ]
-OK_STATUSES: Final[frozenset[str]] = frozenset(
-    ("created", "resolved", "rejected", "canceled", "deduplicated", "found")
-)
+OK_STATUSES: Final[frozenset[str]] = frozenset(("created", "resolved", "rejected", "canceled", "deduplicated", "found"))
 
 # Epoch milliseconds, bounded to a signed 64-bit long so that every Kafka client language can hold it.
 Millis = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -117,9 +115,7 @@ class Get(_Command, frozen=True, tag="get"):
 
 
 Command = Create | Resolve | Reject | Cancel | Get
-_OP_NAMES: Final[dict[type[Command], str]] = {
-    kind: str(kind.__struct_config__.tag) for kind in get_args(Command)
-}
+_OP_NAMES: Final[dict[type[Command], str]] = {kind: str(kind.__struct_config__.tag) for kind in get_args(Command)}
 OPS: Final[tuple[str, ...]] = tuple(_OP_NAMES.values())
 
 
@@ -195,9 +191,7 @@ def decode_command(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Command:
     except msgspec.ValidationError as error:
         raise InvalidCommand(_explain(str(error), data)) from None
     except _MALFORMED as error:
-        raise InvalidCommand(
-            f"not valid JSON: {_lower(str(error).removeprefix('JSON is malformed: '))}"
-        ) from None
+        raise InvalidCommand(f"not valid JSON: {_lower(str(error).removeprefix('JSON is malformed: '))}") from None
     _check_sizes(command, limits)
     return command
 
@@ -239,14 +233,19 @@ def _check_data(field: str, value: Value, limits: Limits) -> None:
         )
 
 
+_MISSING: Final = "Object missing required field `"
+_INVALID: Final = "Invalid value "
+
+
 def _explain(message: str, data: bytes) -> str:
     """Translate a msgspec validation message ("Expected `int`, got `str` - at `$.timeout`") to ours."""
     text, _, where = message.partition(" - at `$")
     path = where.rstrip("`").removeprefix(".")
-    if text.startswith("Object missing required field `"):
-        return _missing(f"{path}.{text[31:-1]}" if path else text[31:-1], data)
-    if path == "op" and text.startswith("Invalid value "):
-        return f"`op`: unknown op {text[14:]}, expected one of {', '.join(OPS)}"
+    if text.startswith(_MISSING):
+        name = text.removeprefix(_MISSING).rstrip("`")
+        return _missing(f"{path}.{name}" if path else name, data)
+    if path == "op" and text.startswith(_INVALID):
+        return f"`op`: unknown op {text.removeprefix(_INVALID)}, expected one of {', '.join(OPS)}"
     if not path:
         return f"not a JSON object: {_lower(text)}"
     return f"`{path}`: {_lower(text)}"

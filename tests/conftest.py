@@ -8,13 +8,15 @@ Kafka container where a Docker engine answers; otherwise a throwaway broker star
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,71 @@ async def topics(kafka: Kafka) -> AsyncIterator[Topics]:
     names = Topics.with_prefix(f"t{uuid.uuid4().hex[:10]}")
     await create_topics(kafka, names, TEST_PARTITIONS)
     yield names
+
+
+class ServeProcess:
+    """One `dp serve` OS process, so that tests can kill -9, SIGSTOP and restart it like an operator."""
+
+    def __init__(self, bootstrap_servers: str, topics: Topics, group: str, data_dir: Path, log: Path) -> None:
+        self.command = [
+            sys.executable, "-m", "dp.cli", "serve",
+            "--bootstrap-servers", bootstrap_servers,
+            "--topic-prefix", topics.commands.rsplit(".", 1)[0],
+            "--group", group,
+            "--data-dir", str(data_dir),
+        ]  # fmt: skip
+        self.data_dir = data_dir
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServeProcess:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        """kill -9: no chance to finish anything."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self, seconds: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(seconds)
+
+    def owned(self) -> set[int]:
+        """The partitions this process serves now, from its log ("partition N: open" / "closed")."""
+        owned: set[int] = set()
+        for number, change in re.findall(r"partition (\d+): (open|closed)", self.log.read_text()):
+            (owned.add if change == "open" else owned.discard)(int(number))
+        return owned
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture
+def spawn(bootstrap_servers: str, topics: Topics, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start `dp serve` processes on this test's topics; every one is killed at teardown."""
+    started: list[ServeProcess] = []
+    group = f"g-{uuid.uuid4().hex[:8]}"
+
+    def start(name: str = "a") -> ServeProcess:
+        process = ServeProcess(bootstrap_servers, topics, group, tmp_path / f"data-{name}", tmp_path / f"{name}.log")
+        started.append(process.start())
+        return process
+
+    yield start
+    for process in started:
+        if process.process is not None and process.process.poll() is None:
+            process.process.send_signal(signal.SIGCONT)
+        process.kill()

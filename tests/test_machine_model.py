@@ -37,6 +37,13 @@ class Rec:
     completed: int | None
 
 
+COMPLETIONS: dict[str, type[Resolve] | type[Reject] | type[Cancel]] = {
+    "resolve": Resolve,
+    "reject": Reject,
+    "cancel": Cancel,
+}
+
+
 def same_key(a: str | None, b: str | None) -> bool:
     return None not in (a, b) and a == b
 
@@ -69,9 +76,7 @@ def model(rec: Rec | None, action: Action, now: int) -> tuple[str, Rec | None, l
     if rec is None:
         if action.op != "create":
             return "not_found", None, []
-        rec, late = time_passes(
-            Rec("Pending", action.key, None, action.timeout, action.timer, None, now, None), now
-        )
+        rec, late = time_passes(Rec("Pending", action.key, None, action.timeout, action.timer, None, now, None), now)
         return "created", rec, ["created", *late]
     rec, events = time_passes(rec, now)
     if action.op == "get":
@@ -144,9 +149,7 @@ class Promises(RuleBasedStateMachine):
         self.completions[pid] = self.completions.get(pid, 0) + sum(e.type in final for e in events)
 
     @rule(pid=IDS, key=KEYS, strict=st.booleans(), ttl=st.integers(-3, 40), timer=st.booleans(), data=DATA)
-    def create(
-        self, pid: str, key: str | None, strict: bool, ttl: int, timer: bool, data: bytes | None
-    ) -> None:
+    def create(self, pid: str, key: str | None, strict: bool, ttl: int, timer: bool, data: bytes | None) -> None:
         tags = {"resonate:timeout": "true"} if timer else {}
         command = Create(
             pid,
@@ -167,7 +170,7 @@ class Promises(RuleBasedStateMachine):
         data=DATA,
     )
     def complete(self, pid: str, op: str, key: str | None, strict: bool, data: bytes | None) -> None:
-        kind = {"resolve": Resolve, "reject": Reject, "cancel": Cancel}[op]
+        kind = COMPLETIONS[op]
         command = kind(pid, request_id="r", idempotency_key=key, strict=strict, value=Value({}, data))
         self.apply(command, Action(op, key, strict, data=data))
 
@@ -200,5 +203,5 @@ class Promises(RuleBasedStateMachine):
             assert self.completions.get(pid, 0) == (1 if final else 0)
 
 
-Promises.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+Promises.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestPromisesAgainstTheSpecModel = Promises.TestCase

@@ -193,9 +193,7 @@ def test_every_case_of_the_specification_gives_the_rules_status_and_record() -> 
     # One test over all cases (not 324 parametrized ones) keeps the table in milliseconds; a failure
     # still lists every wrong case.
     wrong = [
-        f"{case}: expected {oracle(case)}, got {observed(case)}"
-        for case in CASES
-        if observed(case) != oracle(case)
+        f"{case}: expected {oracle(case)}, got {observed(case)}" for case in CASES if observed(case) != oracle(case)
     ]
     assert not wrong, "\n".join(wrong)
 

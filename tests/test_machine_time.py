@@ -12,6 +12,12 @@ TIMEOUT = T0 + 1_000
 LATE = TIMEOUT + 5
 TIMER_TAGS = {"resonate:timeout": "true"}
 
+COMPLETIONS: dict[str, type[Resolve] | type[Reject] | type[Cancel]] = {
+    "resolve": Resolve,
+    "reject": Reject,
+    "cancel": Cancel,
+}
+
 
 def pending(tags: dict[str, str] | None = None, timeout: int = TIMEOUT) -> Promise:
     created = transition(None, Create("p", idempotency_key="ikc", timeout=timeout, tags=tags or {}), T0)
@@ -23,7 +29,7 @@ def command(action: str, strict: bool, key: str | None = "ikc") -> Command:
     """A command carrying the promise's own create key (or a completion key) so only time decides."""
     if action == "create":
         return Create("p", request_id="req", idempotency_key=key, strict=strict, timeout=LATE + 1_000)
-    kind = {"resolve": Resolve, "reject": Reject, "cancel": Cancel}[action]
+    kind = COMPLETIONS[action]
     return kind("p", request_id="req", idempotency_key="iku", strict=strict, value=Value({}, b"late"))
 
 
@@ -113,9 +119,7 @@ def test_a_timer_promise_resolves_at_its_timeout() -> None:
         ("cancel", False, "already_resolved"),
     ],
 )
-def test_a_timer_promise_past_its_timeout_is_judged_as_resolved(
-    action: str, strict: bool, status: str
-) -> None:
+def test_a_timer_promise_past_its_timeout_is_judged_as_resolved(action: str, strict: bool, status: str) -> None:
     outcome = transition(pending(TIMER_TAGS), command(action, strict), LATE)
     assert outcome.status == status
     assert_timed_out(outcome, state="RESOLVED")
@@ -135,9 +139,7 @@ def test_a_completed_promise_is_not_touched_by_its_old_timeout() -> None:
 def test_a_create_whose_timeout_is_already_past_creates_then_times_out(
     timeout: int, tags: dict[str, str], state: str
 ) -> None:
-    outcome = transition(
-        None, Create("p", request_id="c", idempotency_key="k", timeout=timeout, tags=tags), T0
-    )
+    outcome = transition(None, Create("p", request_id="c", idempotency_key="k", timeout=timeout, tags=tags), T0)
     assert outcome.status == "created" and outcome.ok
     after = outcome.promise
     assert after is not None
