@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from dp.config import Kafka, Topics, env
-from dp.errors import DpError
+from dp.errors import DpError, Refused
 from dp.wire import DEFAULT_LIMITS
 
 EXIT_OK, EXIT_KO, EXIT_USAGE = 0, 1, 2
@@ -78,7 +79,8 @@ async def serve(args: argparse.Namespace) -> int:
     from dp.wire import Limits
 
     logging.getLogger("dp").setLevel(args.log_level)
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # aiokafka logs each transient failure; the processor reports the ones that matter, once, in its words.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING if args.log_level == "DEBUG" else logging.CRITICAL)
     settings = ProcessorSettings(
         kafka=kafka_from(args),
         topics=topics_from(args),
@@ -157,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_kafka_options(serving)
     serving.set_defaults(handler=serve)
+
+    # Imported here, not at the top: these modules build on this one.
+    from dp import bench
+    from dp.commands import register
+
+    register(commands)
+    bench.register(commands)
     return parser
 
 
@@ -174,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(handler(args))
     except DpError as error:
         print(f"dp: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_KO if isinstance(error, Refused) else EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `dp watch | head`: the reader left, which is how such a pipeline ends
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import asyncio
 import base64
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -17,7 +20,7 @@ from consumers.effects import partition_for
 from consumers.store import PartitionStore
 from dp.config import Kafka, Topics
 from dp.wire import decode_event
-from tests.conftest import TEST_PARTITIONS, ServeProcess
+from tests.conftest import REPO, TEST_PARTITIONS, ServeProcess, free_port
 from tests.wire_client import WireClient, read_topic
 
 LONG = 3_600_000
@@ -209,3 +212,30 @@ async def test_bad_records_are_answered_invalid_dead_lettered_and_valid_ones_app
     assert {"dp.error", "dp.topic", "dp.partition", "dp.offset"} <= headers.keys()
     assert processor.alive
     assert Counter(r.status for r in replies.values())["invalid"] == len(bad)
+
+
+def serve_command(bootstrap_servers: str, prefix: str, data_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "dp.cli", "serve", "--bootstrap-servers", bootstrap_servers,
+            "--topic-prefix", prefix, "--data-dir", str(data_dir)]  # fmt: skip
+
+
+def test_serve_without_topics_exits_2_saying_how_to_create_them(bootstrap_servers: str, tmp_path: Path) -> None:
+    result = subprocess.run(serve_command(bootstrap_servers, unique("absent"), tmp_path), capture_output=True,
+                            text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert result.returncode == 2
+    assert "missing topics" in result.stderr and "dp topics create" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_keeps_retrying_while_no_broker_answers_and_says_so(tmp_path: Path) -> None:
+    command = serve_command(f"127.0.0.1:{free_port()}", "dp", tmp_path)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()
+        assert "no Kafka broker answered" in first and "Retrying in" in first
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=30)
+    assert "Traceback" not in rest

@@ -1,0 +1,465 @@
+"""The Python client: durable promises as an asyncio API over the wire contract (docs/wire.md).
+
+Commands go to the commands topic keyed by promise id with Kafka's default (murmur2) partitioner, as
+the processor requires. Each client reads its replies from one partition of the replies topic, from
+that partition's end, and matches them to callers by `requestId`; replies for other clients sharing
+the partition are ignored. Everything is read with `read_committed`, so a caller only ever sees what
+the processor committed.
+
+    async with Promises(bootstrap_servers="127.0.0.1:9092") as promises:
+        await promises.create("order/42", timeout=timedelta(hours=1), param='{"item": 7}')
+        record = await promises.wait("order/42")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import AsyncGeneratorType
+from typing import Any, Final, TypedDict, Unpack, cast
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from dp.config import Kafka, Topics
+from dp.errors import BrokerUnreachable, ClientClosed, Refused, ReplyTimeout, SendFailed, WaitTimeout
+from dp.topics import check_topics
+from dp.wire import (
+    Cancel,
+    Command,
+    Create,
+    Event,
+    EventType,
+    Get,
+    Promise,
+    Reject,
+    Reply,
+    Resolve,
+    Value,
+    decode_event,
+    decode_reply,
+    encode,
+    op_name,
+)
+
+DEFAULT_REPLY_TIMEOUT: Final = 30.0
+POLL_MS: Final = 1_000
+
+Deadline = float | timedelta | datetime
+"""A promise's timeout: seconds from now, a duration from now, or an absolute timezone-aware time."""
+Duration = float | timedelta
+Data = bytes | str | None
+"""A payload: bytes as they are, text as UTF-8."""
+
+
+class CompletionOptions(TypedDict, total=False):
+    """Keyword arguments of `resolve`, `reject` and `cancel` (see `Promises.complete`)."""
+
+    data: Data
+    headers: Mapping[str, str] | None
+    idempotency_key: str | None
+    strict: bool
+    reply_timeout: float | None
+
+
+@dataclass(frozen=True)
+class Result:
+    """The processor's reply to one command. A KO status is a result to inspect, not an exception."""
+
+    reply: Reply
+
+    @property
+    def status(self) -> str:
+        return self.reply.status
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.ok
+
+    @property
+    def promise(self) -> Promise | None:
+        """The record after the command, None when no such promise exists."""
+        return self.reply.promise
+
+    @property
+    def error(self) -> str | None:
+        return self.reply.error
+
+    def raise_for_status(self) -> Result:
+        """Strict mode for callers who prefer it: raise `Refused` on a KO status, else return self."""
+        if not self.ok:
+            raise Refused(self.reply)
+        return self
+
+
+class Promises:
+    """A connection to a dp deployment: send commands, await replies and completions, follow events.
+
+    Use it as an async context manager; one client serves any number of concurrent calls.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        kafka: Kafka | None = None,
+        topics: Topics | None = None,
+        reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
+        reply_partition: int | None = None,
+    ) -> None:
+        """`reply_partition` picks this client's partition of the replies topic (default: a random one)."""
+        if bootstrap_servers is not None and kafka is not None:
+            raise ValueError("pass bootstrap_servers or kafka, not both")
+        self.kafka = kafka or (Kafka(bootstrap_servers=bootstrap_servers) if bootstrap_servers else Kafka())
+        self.topics = topics or Topics.from_env()
+        self.reply_timeout = reply_timeout
+        self.partitions = 0
+        self.reply_partition = reply_partition
+        self._producer: AIOKafkaProducer | None = None
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._failure: KafkaError | None = None
+        self._stack = AsyncExitStack()
+        self._streams: weakref.WeakSet[AsyncGeneratorType[Event, None]] = weakref.WeakSet()
+
+    async def __aenter__(self) -> Promises:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Check the topics, connect, and start reading replies from the end of our reply partition."""
+        try:
+            self.partitions = await check_topics(self.kafka, self.topics)
+            producer = await self._stack.enter_async_context(self._new_producer())
+            if self.reply_partition is None:
+                self.reply_partition = random.choice(sorted(await producer.partitions_for(self.topics.replies)))
+            replies = await self._stack.enter_async_context(self._new_consumer())
+            await _assign(replies, [TopicPartition(self.topics.replies, self.reply_partition)], from_beginning=False)
+            reader = asyncio.create_task(self._read_replies(replies), name="dp-replies")
+            self._stack.push_async_callback(_cancel, reader)
+            self._producer = producer
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Disconnect; event streams parked at a `yield` (their loop ended or raised) are closed too."""
+        self._producer = None
+        for stream in list(self._streams):
+            if stream.ag_await is None:  # else a task is inside it: cancelling that task closes it
+                await stream.aclose()
+        await self._stack.aclose()
+        self._fail_waiting(ClientClosed())
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def create(
+        self,
+        id: str,
+        *,
+        timeout: Deadline,  # noqa: ASYNC109 - the promise's deadline, not a bound on this call
+        param: Data = None,
+        headers: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        strict: bool = False,
+        reply_timeout: float | None = None,
+    ) -> Result:
+        """Create a pending promise that times out at `timeout` (required: there is no safe default).
+
+        The idempotency key defaults to a fresh one; pass your own to make a retry deduplicate.
+        """
+        command = Create(
+            id,
+            timeout=deadline_ms(timeout),
+            param=_value(param, headers),
+            tags=dict(tags or {}),
+            idempotency_key=idempotency_key or _new_key(),
+            strict=strict,
+        )
+        return await self._call(command, reply_timeout)
+
+    async def resolve(self, id: str, **options: Unpack[CompletionOptions]) -> Result:
+        """Complete a pending promise as RESOLVED; options as `complete`."""
+        return await self.complete(Resolve, id, **options)
+
+    async def reject(self, id: str, **options: Unpack[CompletionOptions]) -> Result:
+        """Complete a pending promise as REJECTED; options as `complete`."""
+        return await self.complete(Reject, id, **options)
+
+    async def cancel(self, id: str, **options: Unpack[CompletionOptions]) -> Result:
+        """Complete a pending promise as REJECTED_CANCELED; options as `complete`."""
+        return await self.complete(Cancel, id, **options)
+
+    async def complete(
+        self,
+        kind: type[Resolve | Reject | Cancel],
+        id: str,
+        *,
+        data: Data = None,
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        strict: bool = False,
+        reply_timeout: float | None = None,
+    ) -> Result:
+        """Send a Resolve, Reject or Cancel carrying the value (`data`, `headers`).
+
+        The idempotency key defaults to a fresh one; pass your own to make a retry deduplicate.
+        """
+        command = kind(id, value=_value(data, headers), idempotency_key=idempotency_key or _new_key(), strict=strict)
+        return await self._call(command, reply_timeout)
+
+    async def get(self, id: str, *, reply_timeout: float | None = None) -> Result:
+        """Read a promise through the log (status `found` or `not_found`), so the answer is current."""
+        return await self._call(Get(id), reply_timeout)
+
+    async def _call(self, command: Command, reply_timeout: float | None) -> Result:
+        """Publish one command and await the reply carrying its requestId."""
+        producer = self._producer
+        if producer is None:
+            raise ClientClosed()
+        request_id = uuid.uuid4().hex
+        command = msgspec.structs.replace(
+            command, request_id=request_id, reply_to=self.topics.replies, reply_partition=self.reply_partition
+        )
+        seconds = self.reply_timeout if reply_timeout is None else reply_timeout
+        key = None if isinstance(command, Get) else command.idempotency_key
+        arrived = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            if self._failure is not None:
+                raise self._failure
+            async with asyncio.timeout(seconds):
+                await producer.send_and_wait(self.topics.commands, encode(command), key=command.id.encode())
+                return Result(await arrived)
+        except TimeoutError:
+            raise ReplyTimeout(seconds, op_name(command), command.id, key) from None
+        except KafkaError as error:
+            raise SendFailed(f"Kafka failed ({error})", op_name(command), command.id, key) from None
+        finally:
+            del self._waiting[request_id]
+
+    async def _read_replies(self, replies: AIOKafkaConsumer) -> None:
+        """Deliver each reply to the call waiting for its requestId; other clients' replies fall through."""
+        try:
+            while True:
+                for records in (await replies.getmany(timeout_ms=POLL_MS)).values():
+                    for record in records:
+                        self._deliver(record.value)
+        except KafkaError as error:
+            self._failure = error
+            self._fail_waiting(error)
+
+    def _deliver(self, value: bytes | None) -> None:
+        if value is None:
+            return
+        try:
+            reply = decode_reply(value)
+        except msgspec.DecodeError:
+            return  # not a reply we can read, so not one of ours
+        waiting = self._waiting.get(reply.request_id or "")
+        if waiting is not None and not waiting.done():
+            waiting.set_result(reply)
+
+    def _fail_waiting(self, error: Exception) -> None:
+        for waiting in self._waiting.values():
+            if not waiting.done():
+                waiting.set_exception(error)
+
+    # --- completion and events ----------------------------------------------------------------
+
+    async def wait(self, id: str, *, timeout: Duration | None = None) -> Promise:  # noqa: ASYNC109 - part of the API
+        """The promise's record once it is completed, however long ago or soon that happens.
+
+        It subscribes to the promise's event partition from its end first, then reads the promise:
+        a completion before the read shows in the read, one after it arrives as an event. With no
+        `timeout` it waits until the promise's own timeout at the latest (given a running processor).
+        Raises `Refused` if there is no such promise, `WaitTimeout` when `timeout` passes first.
+        """
+        seconds = _seconds(timeout) if timeout is not None else None
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._completion(id)
+        except TimeoutError:
+            if seconds is None:
+                raise
+            raise WaitTimeout(id, seconds) from None
+
+    async def _completion(self, id: str) -> Promise:
+        async with self._new_consumer() as consumer:
+            partition = DefaultPartitioner()(id.encode(), list(range(self.partitions)), None)
+            await _assign(consumer, [TopicPartition(self.topics.events, partition)], from_beginning=False)
+            found = (await self.get(id)).raise_for_status().promise
+            assert found is not None, "a found reply carries the record"
+            if found.state != "PENDING":
+                return found
+            async for record in consumer:
+                event = _decode_event(record.value)
+                if event is not None and event.promise.id == id and event.promise.state != "PENDING":
+                    return event.promise
+        raise AssertionError("a consumer's records never end while it runs")
+
+    def events(
+        self,
+        *,
+        from_beginning: bool = False,
+        prefix: str | None = None,
+        types: Iterable[EventType] | None = None,
+        group: str | None = None,
+    ) -> AsyncGenerator[Event, None]:
+        """Follow the events topic: every state change, in order per promise, optionally filtered.
+
+        Without `group` it reads every partition from now (or from the beginning). With `group` it is a
+        member of that consumer group: partitions are shared among the members, and each event is
+        committed once the loop asks for the next one, so a restarted member resumes after the last
+        event it finished (at least once: the event in hand when a member dies comes again).
+        `from_beginning` then only decides where a group with no committed position starts.
+        """
+        stream = self._events(from_beginning, prefix, frozenset(types) if types is not None else None, group)
+        self._streams.add(cast(AsyncGeneratorType[Event, None], stream))
+        return stream
+
+    async def _events(
+        self, from_beginning: bool, prefix: str | None, wanted: frozenset[str] | None, group: str | None
+    ) -> AsyncGenerator[Event, None]:
+        reset = "earliest" if from_beginning else "latest"
+        async with self._new_consumer(group=group, auto_offset_reset=reset) as consumer:
+            if group is None:
+                tps = [TopicPartition(self.topics.events, p) for p in range(self.partitions)]
+                await _assign(consumer, tps, from_beginning)
+            else:
+                consumer.subscribe([self.topics.events])
+            finished: dict[TopicPartition, int] = {}
+            while True:
+                for tp, records in (await consumer.getmany(timeout_ms=POLL_MS)).items():
+                    for record in records:
+                        if tp not in consumer.assignment():
+                            break  # rebalanced to another member mid-batch: it delivers the rest
+                        event = _chosen(record.value, prefix, wanted)
+                        if event is not None:
+                            yield event
+                        finished[tp] = record.offset + 1
+                        if event is not None:
+                            await _commit(consumer, group, finished)
+                await _commit(consumer, group, finished)
+
+    # --- Kafka plumbing -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _new_producer(self) -> AsyncIterator[AIOKafkaProducer]:
+        producer = AIOKafkaProducer(**self.kafka.client_options(), enable_idempotence=True, linger_ms=0)
+        async with _connected(self.kafka, producer):
+            yield producer
+
+    @asynccontextmanager
+    async def _new_consumer(self, group: str | None = None, **options: Any) -> AsyncIterator[AIOKafkaConsumer]:
+        """A consumer that sees only committed transactions and commits nothing by itself."""
+        consumer = AIOKafkaConsumer(
+            **self.kafka.client_options(),
+            group_id=group,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            **options,
+        )
+        async with _connected(self.kafka, consumer):
+            yield consumer
+
+
+@asynccontextmanager
+async def _connected(kafka: Kafka, client: AIOKafkaProducer | AIOKafkaConsumer) -> AsyncIterator[None]:
+    try:
+        await client.start()
+    except KafkaConnectionError as error:
+        await client.stop()
+        raise BrokerUnreachable(kafka.bootstrap_servers, str(error)) from None
+    try:
+        yield
+    finally:
+        await client.stop()
+
+
+async def _assign(consumer: AIOKafkaConsumer, tps: list[TopicPartition], from_beginning: bool) -> None:
+    """Read `tps` without a group, from the beginning or from the end as of now (fixed before returning)."""
+    consumer.assign(tps)
+    if from_beginning:
+        await consumer.seek_to_beginning(*tps)
+        return
+    for tp, end in (await consumer.end_offsets(tps)).items():
+        consumer.seek(tp, end)
+
+
+def _decode_event(value: bytes | None) -> Event | None:
+    """An event, or None for one this version cannot read (e.g. a type added by a newer processor)."""
+    if value is None:
+        return None
+    try:
+        return decode_event(value)
+    except msgspec.DecodeError:
+        return None
+
+
+def _chosen(value: bytes | None, prefix: str | None, wanted: frozenset[str] | None) -> Event | None:
+    """The event if it is readable and passes the filters."""
+    event = _decode_event(value)
+    if event is None or not event.promise.id.startswith(prefix or ""):
+        return None
+    return event if wanted is None or event.type in wanted else None
+
+
+async def _commit(consumer: AIOKafkaConsumer, group: str | None, finished: dict[TopicPartition, int]) -> None:
+    """Commit the positions after the events the loop has finished with (skipped ones included).
+
+    One commit per event handed out keeps a restart from repeating handled events; skipped events are
+    committed per batch. A commit refused after a rebalance is dropped: the partition's new owner
+    delivers its uncommitted events again, which is at-least-once as promised.
+    """
+    if group is None or not finished:
+        return
+    with contextlib.suppress(CommitFailedError, IllegalStateError):
+        await consumer.commit(dict(finished))
+    finished.clear()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def deadline_ms(timeout: Deadline, now: float | None = None) -> int:
+    """A promise timeout as absolute epoch milliseconds, as the wire wants it."""
+    if isinstance(timeout, datetime):
+        if timeout.tzinfo is None:
+            raise ValueError("timeout: a datetime must be timezone-aware, e.g. datetime.now(UTC) + timedelta(hours=1)")
+        return int(timeout.timestamp() * 1000)
+    seconds = _seconds(timeout)
+    if seconds <= 0:
+        raise ValueError(f"timeout: {timeout!r} is not in the future; pass an absolute datetime to mean a past one")
+    return int(((time.time() if now is None else now) + seconds) * 1000)
+
+
+def _seconds(duration: Duration) -> float:
+    if isinstance(duration, timedelta):
+        return duration.total_seconds()
+    if isinstance(duration, bool) or not isinstance(duration, int | float):
+        raise TypeError(f"expected seconds (int or float) or a timedelta, got {duration!r}")
+    return float(duration)
+
+
+def _value(data: Data, headers: Mapping[str, str] | None) -> Value:
+    return Value(headers=dict(headers or {}), data=data.encode() if isinstance(data, str) else data)
+
+
+def _new_key() -> str:
+    return uuid.uuid4().hex
