@@ -1,10 +1,10 @@
 """`dp serve`: the partition processor. One consumer group member; one single writer per owned partition.
 
-The main loop fetches commands for every owned partition, runs each partition's batch through its
-writer (all partitions concurrently, each in its own transaction), and fires active timeouts when
-they fall due. Rebalancing only marks partitions: a newly assigned partition stays paused until
-its writer has fenced the previous owner, restored its store and sought to the committed offset;
-a revoked one waits for the batch in flight (the `work` lock) before its writer closes.
+The fetch loop hands each owned partition's records to that partition's writer, which runs as its
+own task (`consumers/writer.py`): partitions commit independently and fire their own timeouts. A
+newly assigned partition stays paused until its writer has fenced the previous owner, restored its
+store and sought to the committed offset; a revoked one first lets its writer finish the batch in
+flight. A writer that fails is replaced by a fresh one that starts again from Kafka's truth.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError, ProducerFenced
+from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.structs import ConsumerRecord
 
 from consumers.effects import Incoming, Route
 from consumers.reply_topics import ReplyTopics
-from consumers.writer import PartitionWriter, now_ms
+from consumers.writer import PartitionWriter
 from dp.config import Kafka, Topics
 from dp.errors import BrokerUnreachable
 from dp.topics import check_topics
@@ -48,21 +49,22 @@ class ProcessorSettings:
 
 
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The fetch loop and the supervisor of this process's partition writers."""
+
     def __init__(self, settings: ProcessorSettings) -> None:
         self.settings = settings
         self.consumer: AIOKafkaConsumer | None = None
         self.reply_topics = ReplyTopics(settings.kafka)
         self.partitions = 0
         self.writers: dict[TopicPartition, PartitionWriter] = {}
+        self.tasks: dict[TopicPartition, asyncio.Task[None]] = {}
         self.waiting: dict[TopicPartition, float] = {}
-        self.work = asyncio.Lock()
         self.stopping = asyncio.Event()
-        self.ready = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until `stop()` (SIGTERM/SIGINT): finish the batch in flight, close stores, return."""
+        """Serve until `stop()` (SIGTERM/SIGINT): finish the batches in flight, close stores, return."""
         self.partitions = await self.wait_for_topics()
         await self.reply_topics.start()
         self.consumer = AIOKafkaConsumer(
@@ -87,14 +89,13 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         try:
             while not self.stopping.is_set():
-                await self.open_waiting()
-                batches = await self.consumer.getmany(
-                    timeout_ms=self.poll_timeout(), max_records=self.settings.max_batch
-                )
-                await self.run_batches(batches)
+                self.supervise()
+                batches = await self.consumer.getmany(timeout_ms=IDLE_POLL_MS, max_records=self.settings.max_batch)
+                self.dispatch(batches)
         finally:
             await self.consumer.stop()
-            await self.close_writers(list(self.writers))
+            for tp in list(self.writers):
+                await self.stop_writer(tp)
             await self.reply_topics.close()
             log.info("stopped")
 
@@ -119,10 +120,9 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     # --- rebalancing (called by aiokafka's coordinator) -------------------------------------
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        async with self.work:
-            for tp in revoked:
-                self.waiting.pop(tp, None)
-            await self.close_writers([tp for tp in revoked if tp in self.writers])
+        for tp in revoked:
+            self.waiting.pop(tp, None)
+            await self.stop_writer(tp)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         assert self.consumer is not None
@@ -130,98 +130,66 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer.pause(*fresh)
         for tp in fresh:
             self.waiting[tp] = 0.0
-        self.ready.clear()
 
-    # --- the loop ---------------------------------------------------------------------------
+    # --- supervision ------------------------------------------------------------------------
 
-    async def open_waiting(self) -> None:
-        """Open writers for assigned partitions (fencing, restore, seek), then let them fetch."""
-        if not self.waiting:
-            return
+    def dispatch(self, batches: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Hand fetched records to their writers; records of a partition without an open writer are
+        dropped (it is paused, and its writer seeks to the committed offset when it opens)."""
         assert self.consumer is not None
-        async with self.work:
-            for tp, not_before in list(self.waiting.items()):
-                if time.monotonic() < not_before:
-                    continue
-                writer = PartitionWriter(
-                    self.settings.kafka, self.settings.group, self.route(tp.partition), self.settings.data_dir
-                )
-                try:
-                    began = time.monotonic()
-                    await writer.open(self.consumer)
-                except (KafkaError, OSError) as error:
-                    await writer.close()
-                    self.waiting[tp] = time.monotonic() + RETRY_BACKOFF_S[1]
-                    log.warning("partition %d: could not open (%s); retrying", tp.partition, error)
-                    continue
+        for tp, records in batches.items():
+            writer = self.writers.get(tp)
+            if writer is not None and writer.accepting:
+                writer.offer([Incoming(r.offset, r.key, r.value) for r in records], self.consumer)
+
+    def supervise(self) -> None:
+        """Replace writers that failed, and start writers for assigned partitions whose time has come."""
+        assert self.consumer is not None
+        for tp, task in list(self.tasks.items()):
+            if task.done():
+                self.reap(tp, task)
+        now = time.monotonic()
+        for tp, not_before in list(self.waiting.items()):
+            if now >= not_before:
                 del self.waiting[tp]
-                self.writers[tp] = writer
-                self.consumer.resume(tp)
-                log.info(
-                    "partition %d: open (restored %d records in %.2fs, commands from offset %d)",
-                    tp.partition,
-                    writer.restored,
-                    time.monotonic() - began,
-                    writer.next_offset,
-                )
-            if not self.waiting:
-                self.ready.set()
+                self.start_writer(tp)
 
-    def route(self, partition: int) -> Route:
-        return Route(partition, self.partitions, self.settings.topics, self.settings.limits)
-
-    def poll_timeout(self) -> int:
-        deadlines = [w.next_deadline for w in self.writers.values() if w.next_deadline is not None]
-        if not deadlines:
-            return IDLE_POLL_MS
-        return max(0, min(IDLE_POLL_MS, min(deadlines) - now_ms()))
-
-    async def run_batches(self, batches: Mapping[TopicPartition, list]) -> None:  # type: ignore[type-arg]
-        async with self.work:
-            now = now_ms()
-            jobs = {tp: writer for tp, writer in self.writers.items() if tp in batches or writer.due(now)}
-            if not jobs:
-                return
-            results = await asyncio.gather(
-                *(self.run_one(writer, incoming(batches.get(tp, ())), now) for tp, writer in jobs.items()),
-                return_exceptions=True,
-            )
-            for (tp, writer), result in zip(jobs.items(), results, strict=True):
-                if isinstance(result, BaseException):
-                    await self.fail(tp, writer, result)
-
-    async def run_one(self, writer: PartitionWriter, records: list[Incoming], now: int) -> None:
-        await writer.run_batch(records, now, self.reply_topics)
-
-    async def fail(self, tp: TopicPartition, writer: PartitionWriter, error: BaseException) -> None:
-        """A batch did not commit: drop the writer's state and reopen it from Kafka's truth.
-
-        Fenced means another process owns the partition now; we wait for the rebalance that
-        revokes it rather than fence the new owner back.
-        """
+    def start_writer(self, tp: TopicPartition) -> None:
         assert self.consumer is not None
-        await self.close_writers([tp])
+        route = Route(tp.partition, self.partitions, self.settings.topics, self.settings.limits)
+        writer = PartitionWriter(
+            self.settings.kafka, self.settings.group, route, self.settings.data_dir, self.settings.max_batch
+        )
+        self.writers[tp] = writer
+        self.tasks[tp] = asyncio.create_task(writer.run(self.consumer, self.reply_topics))
+
+    def reap(self, tp: TopicPartition, task: asyncio.Task[None]) -> None:
+        """A writer ended on an error: its batch did not commit. Reopen it from Kafka's truth, unless
+        it was fenced: then another process owns the partition now, and we wait for the rebalance
+        that revokes it rather than fence the new owner back."""
+        assert self.consumer is not None
+        del self.tasks[tp], self.writers[tp]
+        error = task.exception()
         self.consumer.pause(tp)
+        log.info("partition %d: closed", tp.partition)
         if isinstance(error, ProducerFenced):
             log.warning("partition %d: fenced by a newer owner; waiting for the rebalance", tp.partition)
             self.waiting[tp] = time.monotonic() + FENCED_WAIT_S
-            return
-        if not isinstance(error, KafkaError | KafkaConnectionError | OSError):
-            log.error("partition %d: batch failed", tp.partition, exc_info=error)
+        elif isinstance(error, KafkaError | OSError):
+            log.warning("partition %d: writer failed (%s); reopening", tp.partition, error)
+            self.waiting[tp] = time.monotonic() + RETRY_BACKOFF_S[0]
         else:
-            log.warning("partition %d: batch failed (%s); reopening", tp.partition, error)
-        self.waiting[tp] = time.monotonic() + RETRY_BACKOFF_S[0]
+            log.error("partition %d: writer failed; reopening", tp.partition, exc_info=error)
+            self.waiting[tp] = time.monotonic() + RETRY_BACKOFF_S[1]
 
-    async def close_writers(self, tps: list[TopicPartition]) -> None:
-        for tp in tps:
-            writer = self.writers.pop(tp, None)
-            if writer is not None:
-                await writer.close()
-                log.info("partition %d: closed", tp.partition)
-
-
-def incoming(records: Iterable) -> list[Incoming]:  # type: ignore[type-arg]
-    return [Incoming(record.offset, record.key, record.value) for record in records]
+    async def stop_writer(self, tp: TopicPartition) -> None:
+        """Let the writer finish its batch in flight, then close it."""
+        writer, task = self.writers.pop(tp, None), self.tasks.pop(tp, None)
+        if writer is None or task is None:
+            return
+        writer.stop()
+        await asyncio.gather(task, return_exceptions=True)
+        log.info("partition %d: closed", tp.partition)
 
 
 async def serve(settings: ProcessorSettings) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from pathlib import Path
 
@@ -23,7 +24,11 @@ from consumers.restore import restore
 from consumers.store import PartitionStore
 from dp.config import Kafka
 
+log = logging.getLogger("dp.processor")
+
 DUE_PER_BATCH = 5_000
+# Fetched records a writer may hold before its partition's fetching pauses, in batches.
+QUEUE_BATCHES = 4
 
 # A transaction begun right after a commit is refused with CONCURRENT_TRANSACTIONS until the broker
 # has written the previous commit's markers (KAFKA-5477); aiokafka then waits a fixed 20 ms before
@@ -54,12 +59,18 @@ def transactional_id(group: str, topic: str, partition: int) -> str:
 
 
 class PartitionWriter:
-    """Owns one command partition: only this object writes its store and its transactional id."""
+    """Owns one command partition: only this object writes its store and uses its transactional id.
 
-    def __init__(self, kafka: Kafka, group: str, route: Route, data_dir: Path) -> None:
+    It runs as its own task (`run`), so partitions never wait for each other: the processor's fetch
+    loop only `offer`s records, and each writer commits its batches at its own pace, pausing its
+    partition's fetching when it falls behind.
+    """
+
+    def __init__(self, kafka: Kafka, group: str, route: Route, data_dir: Path, max_batch: int) -> None:
         self.kafka = kafka
         self.group = group
         self.route = route
+        self.max_batch = max_batch
         self.source = TopicPartition(route.topics.commands, route.partition)
         self.store_path = data_dir / group / f"partition-{route.partition}"
         self.producer: AIOKafkaProducer | None = None
@@ -67,6 +78,57 @@ class PartitionWriter:
         self.next_offset = 0
         self.next_deadline: int | None = None
         self.restored = 0
+        self.accepting = False
+        self._queue: list[Incoming] = []
+        self._work = asyncio.Event()
+        self._stopping = False
+
+    async def run(self, consumer: AIOKafkaConsumer, reply_topics: ReplyTopics) -> None:
+        """Open, then apply batches until `stop`; an exception means the writer is done and must be replaced."""
+        try:
+            began = time.monotonic()
+            await self.open(consumer)
+            log.info("partition %d: open (restored %d records in %.2fs, commands from offset %d)",
+                     self.route.partition, self.restored, time.monotonic() - began, self.next_offset)  # fmt: skip
+            self.accepting = True
+            consumer.resume(self.source)
+            while not self._stopping:
+                await self._wait_for_work()
+                if self._stopping:
+                    break
+                records, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                await self.run_batch(records, now_ms(), reply_topics)
+                if self._queue:
+                    self._work.set()
+                elif consumer.paused() and self.source in consumer.paused():
+                    consumer.resume(self.source)
+        finally:
+            self.accepting = False
+            await self.close()
+
+    def offer(self, records: list[Incoming], consumer: AIOKafkaConsumer) -> None:
+        """Queue fetched records; past a few batches' worth, stop fetching this partition until drained."""
+        self._queue.extend(records)
+        self._work.set()
+        if len(self._queue) > QUEUE_BATCHES * self.max_batch:
+            consumer.pause(self.source)
+
+    def stop(self) -> None:
+        """Finish the batch in flight, then end `run`; queued records are left to the next owner."""
+        self._stopping = True
+        self._work.set()
+
+    async def _wait_for_work(self) -> None:
+        while not self._queue and not self._stopping:
+            self._work.clear()
+            if self.next_deadline is None:
+                await self._work.wait()
+                continue
+            delay = (self.next_deadline - now_ms()) / 1000
+            if delay <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work.wait(), delay)
 
     async def open(self, consumer: AIOKafkaConsumer) -> None:
         """Fence any previous owner, catch the store up from the changelog, seek to the committed offset."""
