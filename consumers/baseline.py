@@ -2,7 +2,7 @@
 
 Consume a batch per partition, produce per command one reply, one event and one changelog record
 (copies of the command), and commit them with the consumer offset in one transaction per partition,
-through one transactional producer per partition with the writer's settings. No decoding, no state
+through one transactional producer per partition with the writer's settings and its batched sends. No decoding, no state
 machine, no RocksDB: the practical ceiling of Kafka + aiokafka on the machine.
 
     python -m consumers.baseline --bootstrap-servers HOST:PORT --topic-prefix PREFIX
@@ -17,7 +17,8 @@ import signal
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from consumers.writer import transactional_producer
+from consumers.effects import Outgoing
+from consumers.writer import batched, transactional_producer
 from dp.config import Kafka, Topics
 
 
@@ -25,6 +26,7 @@ class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, kafka: Kafka, topics: Topics, group: str, max_batch: int) -> None:
         self.kafka, self.topics, self.group, self.max_batch = kafka, topics, group, max_batch
         self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self.reply_partitions = 1
         self.stopping = asyncio.Event()
         self.consumer = AIOKafkaConsumer(
             **kafka.client_options(), group_id=group, enable_auto_commit=False, isolation_level="read_committed",
@@ -46,6 +48,7 @@ class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
     async def run(self) -> None:
         self.consumer.subscribe([self.topics.commands], listener=self)
         await self.consumer.start()
+        self.reply_partitions = len(self.consumer.partitions_for_topic(self.topics.replies) or ()) or 1
         try:
             while not self.stopping.is_set():
                 batches = await self.consumer.getmany(timeout_ms=100, max_records=self.max_batch)
@@ -60,11 +63,18 @@ class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
         if producer is None:  # fetched while its producer was still starting: take it again later
             self.consumer.seek(tp, records[0].offset)
             return
+        messages = [
+            Outgoing(topic, partition, record.key, record.value)
+            for record in records
+            for topic, partition in (
+                (self.topics.replies, tp.partition % self.reply_partitions),
+                (self.topics.events, tp.partition),
+                (self.topics.changelog, tp.partition),
+            )
+        ]
         async with producer.transaction():
-            for record in records:
-                await producer.send(self.topics.replies, record.value, key=record.key)
-                await producer.send(self.topics.events, record.value, key=record.key, partition=tp.partition)
-                await producer.send(self.topics.changelog, record.value, key=record.key, partition=tp.partition)
+            for (topic, partition), batch in batched(producer, messages):
+                await producer.send_batch(batch, topic, partition=partition)
             await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group)
 
 

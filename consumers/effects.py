@@ -10,30 +10,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Protocol
 
-from aiokafka.partitioner import murmur2
+import msgspec
 
 from dp.config import Topics
 from dp.machine import Outcome, expire, reply_for, transition
+from dp.partitioning import partition_for
 from dp.wire import Command, InvalidCommand, Limits, Promise, Reply, decode_command, encode, reply_address
 
 Headers = list[tuple[str, bytes]]
 
 
-class Incoming(NamedTuple):
-    """The parts of a consumed command record the processor needs."""
+class Incoming(Protocol):
+    """The parts of a consumed command record the processor reads (aiokafka's ConsumerRecord has them)."""
 
-    offset: int
-    key: bytes | None
-    value: bytes | None
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
-class Outgoing(NamedTuple):
-    """One record to publish in the batch's transaction (`partition` None: partition by key)."""
+class Outgoing(msgspec.Struct, frozen=True, gc=False):
+    """One record to publish in the batch's transaction, to an explicit partition."""
 
     topic: str
-    partition: int | None
+    partition: int
     key: bytes | None
     value: bytes
     headers: Headers | None = None
@@ -59,11 +63,6 @@ class Route:
     partitions: int
     topics: Topics
     limits: Limits
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """Kafka's default partitioner (murmur2, positive, modulo P), as every client uses it."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def apply_batch(
@@ -93,7 +92,7 @@ def apply_batch(
             continue
         outcome = transition(current(command.id), command, now)
         record_changes(route, effects, outcome)
-        effects.messages.append(reply_message(route, command, reply_for(command, outcome)))
+        effects.messages.append(reply_message(route, command, reply_for(command, outcome), reply_topics))
     for promise_id, promise in effects.changes.items():
         value = encode(promise)
         effects.persist.append((promise, value))
@@ -139,29 +138,37 @@ def record_changes(route: Route, effects: Effects, outcome: Outcome) -> None:
     )
 
 
-def reply_message(route: Route, command: Command, reply: Reply) -> Outgoing:
+def reply_partition_of(route: Route, topic: str, partition: int | None, counts: Mapping[str, int]) -> int:
+    """The asked-for partition, else this partition's number modulo the topic's count: replies are matched
+    by requestId, not by partition, and hashing every requestId would cost more than the rest of a reply."""
+    return partition if partition is not None else route.partition % counts[topic]
+
+
+def reply_message(route: Route, command: Command, reply: Reply, reply_topics: Mapping[str, int]) -> Outgoing:
+    topic = command.reply_to or route.topics.replies
     key = (command.request_id or command.id).encode()
-    return Outgoing(command.reply_to or route.topics.replies, command.reply_partition, key, encode(reply))
+    return Outgoing(topic, reply_partition_of(route, topic, command.reply_partition, reply_topics), key, encode(reply))
 
 
 def refuse(route: Route, effects: Effects, record: Incoming, problem: str, reply_topics: Mapping[str, int]) -> None:
     """An unusable record: answer `invalid` where an address is recoverable, copy it to the DLQ."""
     raw = record.value or b""
-    request_id, reply_to, reply_partition = reply_address(raw)
+    request_id, reply_to, requested = reply_address(raw)
     try:
-        check_reply_address(route, reply_to, reply_partition, reply_topics)
+        check_reply_address(route, reply_to, requested, reply_topics)
     except InvalidCommand:
-        reply_to, reply_partition = None, None
+        reply_to, requested = None, None
     reply = Reply(request_id, None, None, False, "invalid", None, problem)
-    effects.messages.append(
-        Outgoing(
-            reply_to or route.topics.replies, reply_partition, (request_id or "").encode() or record.key, encode(reply)
-        )
-    )
+    topic = reply_to or route.topics.replies
+    key = (request_id or "").encode() or record.key
+    partition = reply_partition_of(route, topic, requested, reply_topics)
+    effects.messages.append(Outgoing(topic, partition, key, encode(reply)))
     headers: Headers = [
         ("dp.error", problem.encode()),
         ("dp.topic", route.topics.commands.encode()),
         ("dp.partition", str(route.partition).encode()),
         ("dp.offset", str(record.offset).encode()),
     ]
-    effects.messages.append(Outgoing(route.topics.dlq, None, record.key, raw, headers))
+    dlq = route.topics.dlq
+    partition = partition_for(record.key, reply_topics[dlq]) if record.key else 0
+    effects.messages.append(Outgoing(dlq, partition, record.key, raw, headers))

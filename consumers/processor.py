@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord
 
-from consumers.effects import Incoming, Route
+from consumers.effects import Route
 from consumers.reply_topics import ReplyTopics
 from consumers.writer import PartitionWriter
 from dp.config import Kafka, Topics
@@ -140,7 +140,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp, records in batches.items():
             writer = self.writers.get(tp)
             if writer is not None and writer.accepting:
-                writer.offer([Incoming(r.offset, r.key, r.value) for r in records], self.consumer)
+                writer.offer(records, self.consumer)
 
     def supervise(self) -> None:
         """Replace writers that failed, and start writers for assigned partitions whose time has come."""

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import RecordMetadata
 
-from consumers.effects import Effects, Incoming, Route, apply_batch
+from consumers.effects import Effects, Incoming, Outgoing, Route, apply_batch
 from consumers.reply_topics import ReplyTopics
 from consumers.restore import restore
 from consumers.store import PartitionStore
@@ -178,14 +179,10 @@ class PartitionWriter:
         producer = self.producer
         await producer.begin_transaction()
         futures: list[asyncio.Future[RecordMetadata]] = []
+        batches = batched(producer, effects.messages)
         try:
-            for message in effects.messages:
-                futures.append(
-                    await producer.send(
-                        message.topic, message.value, key=message.key, partition=message.partition,
-                        headers=message.headers,
-                    )
-                )  # fmt: skip
+            for (topic, partition), batch in batches:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
             if next_offset is not None:
                 await producer.send_offsets_to_transaction({self.source: next_offset}, self.group)
             await producer.commit_transaction()
@@ -194,12 +191,26 @@ class PartitionWriter:
                 future.add_done_callback(retrieve)
             await abort_quietly(producer)
             raise
-        changelog_end = self.store.changelog_offset
-        changelog = self.route.topics.changelog
-        for message, future in zip(effects.messages, futures, strict=True):
-            if message.topic == changelog:
-                changelog_end = max(changelog_end, (await future).offset + 1)
-        return changelog_end
+        end = self.store.changelog_offset
+        for ((topic, _), batch), future in zip(batches, futures, strict=True):
+            if topic == self.route.topics.changelog:
+                end = max(end, (await future).offset + batch.record_count())
+        return end
+
+
+def batched(producer: AIOKafkaProducer, messages: list[Outgoing]) -> list[tuple[tuple[str, int], BatchBuilder]]:
+    """Messages packed into record batches per topic partition, in order: one future per batch, not per record."""
+    open_batches: dict[tuple[str, int], BatchBuilder] = {}
+    out: list[tuple[tuple[str, int], BatchBuilder]] = []
+    for message in messages:
+        slot = (message.topic, message.partition)
+        batch = open_batches.get(slot)
+        if batch is None or batch.append(key=message.key, value=message.value, timestamp=None,
+                                         headers=message.headers) is None:  # fmt: skip
+            batch = open_batches[slot] = producer.create_batch()
+            batch.append(key=message.key, value=message.value, timestamp=None, headers=message.headers)
+            out.append((slot, batch))
+    return out
 
 
 def retrieve(future: asyncio.Future[RecordMetadata]) -> None:

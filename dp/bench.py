@@ -32,8 +32,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from hdrh.histogram import HdrHistogram
 
-from consumers.effects import partition_for
 from dp.config import Kafka, Topics
+from dp.partitioning import partition_for
 from dp.topics import admin_client, all_topics, check_topics, create_topics
 from dp.wire import Command, Create, Get, Resolve, Value, decode_reply, encode
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consumers.effects import partition_for
 from consumers.store import PartitionStore
 from dp.config import Kafka, Topics
+from dp.partitioning import partition_for
 from dp.wire import decode_event
 from tests.conftest import REPO, TEST_PARTITIONS, ServeProcess, free_port
 from tests.wire_client import WireClient, read_topic
