@@ -24,6 +24,7 @@ from consumers.reply_topics import ReplyTopics
 from consumers.restore import restore
 from consumers.store import PartitionStore
 from dp.config import Kafka
+from dp.topics import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("dp.processor")
 
@@ -50,6 +51,7 @@ def transactional_producer(kafka: Kafka, txn_id: str) -> AIOKafkaProducer:
         linger_ms=0,
         retry_backoff_ms=5,
         max_batch_size=256 * 1024,
+        max_request_size=MAX_MESSAGE_BYTES + 64 * 1024,
         request_timeout_ms=30_000,
     )
 

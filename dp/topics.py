@@ -15,7 +15,11 @@ from dp.errors import BrokerUnreachable, TopicsProblem
 
 UNKNOWN_TOPIC = 3
 READY_SECONDS = 30.0
-COMPACTED = {"cleanup.policy": "compact"}
+# Room for the largest promise the limits allow (param and value each up to 512 KiB decoded, base64 on
+# the wire, in one record): Kafka's 1 MB default would make such a record fail its transaction forever.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+TOPIC_CONFIG = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+CHANGELOG_CONFIG = {**TOPIC_CONFIG, "cleanup.policy": "compact"}
 
 
 def partitioned(topics: Topics) -> tuple[str, str, str]:
@@ -79,7 +83,12 @@ async def create_topics(
             )
         count = partitions or (existing.pop() if existing else DEFAULT_PARTITIONS)
         missing = [
-            NewTopic(name, count, replication_factor, topic_configs=COMPACTED if name == topics.changelog else {})
+            NewTopic(
+                name,
+                count,
+                replication_factor,
+                topic_configs=CHANGELOG_CONFIG if name == topics.changelog else TOPIC_CONFIG,
+            )
             for name in all_topics(topics)
             if name not in counts
         ]

@@ -19,7 +19,7 @@ from typing import Any
 from consumers.store import PartitionStore
 from dp.config import Kafka, Topics
 from dp.partitioning import partition_for
-from dp.wire import decode_event
+from dp.wire import DEFAULT_LIMITS, decode_event
 from tests.conftest import REPO, TEST_PARTITIONS, ServeProcess, free_port
 from tests.wire_client import WireClient, read_topic
 
@@ -239,3 +239,17 @@ def test_serve_keeps_retrying_while_no_broker_answers_and_says_so(tmp_path: Path
         process.send_signal(signal.SIGTERM)
         _, rest = process.communicate(timeout=30)
     assert "Traceback" not in rest
+
+
+async def test_the_largest_promise_the_limits_allow_round_trips(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]
+) -> None:
+    spawn()
+    big = base64.b64encode(b"p" * DEFAULT_LIMITS.max_data_bytes).decode()
+    promise_id = unique("big")
+    async with WireClient(kafka, topics) as client:
+        created = await client.call(create(promise_id, param={"headers": {}, "data": big}))
+        resolved = await client.call({**complete("resolve", promise_id), "value": {"headers": {}, "data": big}})
+        after = await client.call({"op": "get", "id": unique("after")})
+    assert (created.status, resolved.status, after.status) == ("created", "resolved", "not_found")
+    assert resolved.promise is not None and len(resolved.promise.value.data or b"") == DEFAULT_LIMITS.max_data_bytes
