@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,8 @@ class BenchOptions:
     spawn: int = 0
     partitions: int = 8
     progress: bool = True
+    preload: int = 0
+    restore: bool = False
 
 
 @dataclass
@@ -71,6 +74,9 @@ class Report:
     offered_rate: int
     latency_commands: int
     ok: int
+    preloaded_promises: int
+    restore_seconds: float | None
+    restored_records: int
 
 
 # --- replies -------------------------------------------------------------------------------------
@@ -173,12 +179,14 @@ async def send_all(client: AIOKafkaProducer, topic: str, commands: list[Command]
     await asyncio.gather(*futures)
 
 
-async def flat_out(options: BenchOptions, topics: Topics, replies: Replies, run: str) -> tuple[int, float]:
+async def flat_out(
+    options: BenchOptions, topics: Topics, replies: Replies, run: str, promises: int, label: str = "throughput"
+) -> tuple[int, float]:
     """2N commands from `producers` tasks as fast as the pipeline takes them; (commands, seconds)."""
     timeout = int(time.time() * 1000) + 3_600_000
-    shards = [range(k, options.promises, options.producers) for k in range(options.producers)]
-    expected = replies.count + 2 * options.promises
-    bar = Progress("throughput", 2 * options.promises, options.progress, replies.count)
+    shards = [range(k, promises, options.producers) for k in range(options.producers)]
+    expected = replies.count + 2 * promises
+    bar = Progress(label, 2 * promises, options.progress, replies.count)
 
     async def shard(numbers: range) -> None:
         creates, resolves = commands_for(run, numbers, timeout)
@@ -192,7 +200,7 @@ async def flat_out(options: BenchOptions, topics: Topics, replies: Replies, run:
     await senders
     seconds = time.perf_counter() - began
     bar.done()
-    return 2 * options.promises, seconds
+    return 2 * promises, seconds
 
 
 async def open_loop(options: BenchOptions, topics: Topics, replies: Replies, run: str) -> int:
@@ -243,7 +251,7 @@ class Spawned:
         log = (self.scratch / f"{len(self.processes)}.log").open("wb")
         self.processes.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT))
 
-    def close(self) -> None:
+    def stop_all(self) -> None:
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -253,6 +261,14 @@ class Spawned:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def restored_records(self) -> int:
+        """Records the last started processor replayed from the changelog, from its log."""
+        log = (self.scratch / f"{len(self.processes) - 1}.log").read_text()
+        return sum(int(n) for n in re.findall(r"restored (\d+) records", log))
+
+    def close(self) -> None:
+        self.stop_all()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
@@ -268,22 +284,50 @@ async def delete_topics(kafka: Kafka, topics: Topics) -> None:
 # --- the run -------------------------------------------------------------------------------------
 
 
-async def measure_processor(options: BenchOptions, run: str) -> tuple[int, float, int, HdrHistogram, int, int]:
+@dataclass
+class Measured:
+    """What the processor phases found."""
+
+    commands: int
+    seconds: float
+    latency_commands: int
+    histogram: HdrHistogram
+    ok: int
+    partitions: int
+    restore_seconds: float | None = None
+    restored_records: int = 0
+
+
+async def measure_processor(options: BenchOptions, run: str) -> Measured:
     spawned = Spawned()
     topics = Topics.with_prefix(f"dpbench-{run}") if options.spawn else options.topics
+
+    def serve(name: str) -> None:
+        spawned.start("-m", "dp.cli", "serve", "--bootstrap-servers", options.kafka.bootstrap_servers,
+                      "--topic-prefix", prefix_of(topics), "--group", f"dpbench-{run}",
+                      "--data-dir", str(spawned.scratch / f"data-{name}"), "--log-level", "INFO")  # fmt: skip
+
     try:
         if options.spawn:
             await create_topics(options.kafka, topics, options.partitions)
             for n in range(options.spawn):
-                spawned.start("-m", "dp.cli", "serve", "--bootstrap-servers", options.kafka.bootstrap_servers,
-                              "--topic-prefix", prefix_of(topics), "--group", f"dpbench-{run}",
-                              "--data-dir", str(spawned.scratch / f"data-{n}"), "--log-level", "WARNING")  # fmt: skip
+                serve(str(n))
         partitions = await check_topics(options.kafka, topics)
         async with Replies(options.kafka, topics.replies, decode=True) as replies:
             await wait_until_serving(options, topics, replies, partitions)
-            commands, seconds = await flat_out(options, topics, replies, run)
+            if options.preload:
+                await flat_out(options, topics, replies, f"{run}-pre", options.preload, "preload")
+            commands, seconds = await flat_out(options, topics, replies, run, options.promises)
             latency_commands = await open_loop(options, topics, replies, f"{run}-lat")
-            return commands, seconds, latency_commands, replies.histogram, replies.ok, partitions
+            measured = Measured(commands, seconds, latency_commands, replies.histogram, replies.ok, partitions)
+            if options.restore and options.spawn:
+                spawned.stop_all()
+                began = time.perf_counter()
+                serve("restore")
+                await wait_until_serving(options, topics, replies, partitions)
+                measured.restore_seconds = time.perf_counter() - began
+                measured.restored_records = spawned.restored_records()
+            return measured
     finally:
         spawned.close()
         if options.spawn:
@@ -299,7 +343,7 @@ async def measure_baseline(options: BenchOptions, run: str, partitions: int) -> 
                       "--topic-prefix", prefix_of(topics), "--group", f"dpbench-{run}-base")  # fmt: skip
         async with Replies(options.kafka, topics.replies, decode=False) as replies:
             await wait_until_serving(options, topics, replies, partitions)
-            commands, seconds = await flat_out(options, topics, replies, f"{run}-base")
+            commands, seconds = await flat_out(options, topics, replies, f"{run}-base", options.promises)
         return float(commands / seconds)
     finally:
         spawned.close()
@@ -308,16 +352,17 @@ async def measure_baseline(options: BenchOptions, run: str, partitions: int) -> 
 
 async def run_bench(options: BenchOptions) -> Report:
     run = uuid.uuid4().hex[:8]
-    commands, seconds, latency_commands, histogram, ok, partitions = await measure_processor(options, run)
-    baseline = await measure_baseline(options, run, partitions)
-    throughput = commands / seconds
+    measured = await measure_processor(options, run)
+    baseline = await measure_baseline(options, run, measured.partitions)
+    throughput = measured.commands / measured.seconds
+    histogram = measured.histogram
 
     def ms(percentile: float) -> float:
         return round(float(histogram.get_value_at_percentile(percentile)) / 1000, 3)
 
     return Report(
-        commands=commands,
-        seconds=round(seconds, 3),
+        commands=measured.commands,
+        seconds=round(measured.seconds, 3),
         throughput=round(throughput, 1),
         baseline_throughput=round(baseline, 1),
         ratio=round(throughput / baseline, 3),
@@ -326,11 +371,14 @@ async def run_bench(options: BenchOptions) -> Report:
         p99_ms=ms(99),
         p999_ms=ms(99.9),
         max_ms=round(histogram.get_max_value() / 1000, 3),
-        partitions=partitions,
+        partitions=measured.partitions,
         processors=options.spawn or 0,
         offered_rate=options.rate,
-        latency_commands=latency_commands,
-        ok=ok,
+        latency_commands=measured.latency_commands,
+        ok=measured.ok,
+        preloaded_promises=options.preload,
+        restore_seconds=None if measured.restore_seconds is None else round(measured.restore_seconds, 3),
+        restored_records=measured.restored_records,
     )
 
 
@@ -358,10 +406,20 @@ def summary(report: Report) -> str:
         ("throughput", f"{report.throughput:,.0f} commands/s"),
         ("baseline", f"{report.baseline_throughput:,.0f} commands/s (raw Kafka pipe, same shape)"),
         ("ratio", f"{report.ratio:.2f}"),
-        ("latency", f"p50 {report.p50_ms} ms  p90 {report.p90_ms} ms  p99 {report.p99_ms} ms  "
-                    f"p99.9 {report.p999_ms} ms  max {report.max_ms} ms at {report.offered_rate}/s offered"),
-        ("shape", f"{report.partitions} partitions, {report.processors or 'running'} processor(s)"),
-    ]  # fmt: skip
+        (
+            "latency",
+            f"p50 {report.p50_ms} ms  p90 {report.p90_ms} ms  p99 {report.p99_ms} ms  "
+            f"p99.9 {report.p999_ms} ms  max {report.max_ms} ms at {report.offered_rate}/s offered",
+        ),
+        (
+            "shape",
+            f"{report.partitions} partitions, {report.processors or 'running'} processor(s), "
+            f"{report.preloaded_promises} promises preloaded",
+        ),
+    ]
+    if report.restore_seconds is not None:
+        rows.append(("restore", f"{report.restored_records} changelog records in {report.restore_seconds} s "
+                                "(start of a new processor with an empty data dir to serving)"))  # fmt: skip
     return "\n".join(f"{name:>11}  {value}" for name, value in rows)
 
 
@@ -386,6 +444,8 @@ async def bench_command(args: argparse.Namespace) -> int:
         spawn=args.spawn,
         partitions=args.partitions,
         progress=not args.json,
+        preload=args.preload,
+        restore=args.restore,
     )
     print(render(await run_bench(options), args.json))
     return EXIT_OK
@@ -408,6 +468,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency phase")
     parser.add_argument("--spawn", type=int, default=0, metavar="K", help="start K processors on fresh topics")
     parser.add_argument("--partitions", type=int, default=8, help="partitions of the fresh topics with --spawn")
+    parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        metavar="M",
+        help="create M promises first (untimed), to measure a full store against an empty one",
+    )
+    parser.add_argument(
+        "--restore",
+        action="store_true",
+        help="with --spawn: then stop the processors and time a new one restoring into an empty dir",
+    )
     parser.add_argument("--quick", action="store_true", help="a short run (2,000 promises, 3 s of latency)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_kafka_options(parser)
