@@ -8,6 +8,7 @@ and only then persists `Effects.changes`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,7 @@ from dp.partitioning import partition_for
 from dp.wire import Command, InvalidCommand, Limits, Promise, Reply, decode_command, encode, reply_address
 
 Headers = list[tuple[str, bytes]]
+log = logging.getLogger("dp.processor")
 
 
 class Incoming(Protocol):
@@ -87,12 +89,17 @@ def apply_batch(
     for record in records:
         try:
             command = accept(route, record, reply_topics)
+            outcome = transition(current(command.id), command, now)
+            reply = reply_message(route, command, reply_for(command, outcome), reply_topics)
         except InvalidCommand as problem:
             refuse(route, effects, record, str(problem), reply_topics)
             continue
-        outcome = transition(current(command.id), command, now)
+        except Exception as error:  # a bug must not wedge the partition on one record: refuse it, go on
+            log.exception("partition %d: offset %d could not be applied", route.partition, record.offset)
+            refuse(route, effects, record, f"internal error ({type(error).__name__}): not applied", reply_topics)
+            continue
         record_changes(route, effects, outcome)
-        effects.messages.append(reply_message(route, command, reply_for(command, outcome), reply_topics))
+        effects.messages.append(reply)
     for promise_id, promise in effects.changes.items():
         value = encode(promise)
         effects.persist.append((promise, value))

@@ -91,6 +91,8 @@ class PartitionWriter:
         try:
             began = time.monotonic()
             await self.open(consumer)
+            if self._stopping:
+                return
             log.info("partition %d: open (restored %d records in %.2fs, commands from offset %d)",
                      self.route.partition, self.restored, time.monotonic() - began, self.next_offset)  # fmt: skip
             self.accepting = True
@@ -164,6 +166,7 @@ class PartitionWriter:
         fresh = [record for record in records if record.offset >= self.next_offset]
         due = self.store.due(now, DUE_PER_BATCH) if self.due(now) else []
         if not fresh and not due:
+            self.next_deadline = self.store.next_deadline()
             return
         effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics)
         if reply_topics.missed and await reply_topics.refresh():

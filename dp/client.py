@@ -29,10 +29,10 @@ from typing import Any, Final, TypedDict, Unpack, cast
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from dp.config import Kafka, Topics
 from dp.errors import BrokerUnreachable, ClientClosed, Refused, ReplyTimeout, SendFailed, WaitTimeout
+from dp.partitioning import partition_for
 from dp.topics import check_topics
 from dp.wire import (
     Cancel,
@@ -298,7 +298,7 @@ class Promises:
 
     async def _completion(self, id: str) -> Promise:
         async with self._new_consumer() as consumer:
-            partition = DefaultPartitioner()(id.encode(), list(range(self.partitions)), None)
+            partition = partition_for(id.encode(), self.partitions)
             await _assign(consumer, [TopicPartition(self.topics.events, partition)], from_beginning=False)
             found = (await self.get(id)).raise_for_status().promise
             assert found is not None, "a found reply carries the record"
