@@ -38,7 +38,7 @@ async def restore(kafka: Kafka, changelog: TopicPartition, store: PartitionStore
             batch = await consumer.getmany(changelog, timeout_ms=500, max_records=RESTORE_BATCH)
             records = batch.get(changelog, [])
             store.write_raw(
-                ((record.key.decode(), record.value) for record in records),
+                ((record.key, record.value) for record in records),
                 await consumer.position(changelog) if records else position,
             )
             replayed += len(records)

@@ -5,6 +5,12 @@ Key layout (raw bytes, one database per partition, written only by that partitio
     b"p" + id                       -> promise record (the changelog value, JSON)
     b"t" + timeout (8 bytes BE) + id -> b""   for every PENDING promise: deadlines in order
     b"o:changelog"                  -> next changelog offset the store reflects (8 bytes BE)
+    b"o:commands"                   -> next command offset the store reflects (8 bytes BE)
+
+The changelog carries, besides the promise records, one progress record per batch under the empty
+key (never a promise id: ids are non-empty) holding the next command offset, in the same
+transaction as the batch. The store learns it on restore like any record, so the command offset a
+partition resumes from survives even a lost consumer-offset commit.
 
 Every change arrives as one `WriteBatch` that carries the records, their index entries and the
 changelog offset together, so a crash leaves the store at some committed batch boundary, never
@@ -20,12 +26,14 @@ from pathlib import Path
 import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
-from dp.wire import Promise, decode_promise
+from dp.wire import Promise, decode_promise, encode
 
 RECORD = b"p"
 DEADLINE = b"t"
 DEADLINE_END = b"u"
 CHANGELOG_OFFSET = b"o:changelog"
+COMMAND_OFFSET = b"o:commands"
+PROGRESS_KEY = b""
 OFFSET = struct.Struct(">q")
 TIMEOUT = struct.Struct(">Q")
 
@@ -64,7 +72,15 @@ class PartitionStore:
     @property
     def changelog_offset(self) -> int:
         """The next changelog offset to replay from: everything before it is in the store."""
-        raw = self._db.get(CHANGELOG_OFFSET)
+        return self._offset(CHANGELOG_OFFSET)
+
+    @property
+    def command_offset(self) -> int:
+        """The next command offset: every command before it has been applied to the store."""
+        return self._offset(COMMAND_OFFSET)
+
+    def _offset(self, key: bytes) -> int:
+        raw = self._db.get(key)
         return 0 if raw is None else int(OFFSET.unpack(raw)[0])
 
     def next_deadline(self) -> int | None:
@@ -88,20 +104,28 @@ class PartitionStore:
             iterator.next()
         return found
 
-    def write(self, records: Iterable[tuple[Promise, bytes]], changelog_offset: int) -> None:
-        """Write a committed batch's records (with their encodings), index entries and offset, atomically."""
+    def write(
+        self, records: Iterable[tuple[Promise, bytes]], changelog_offset: int, command_offset: int | None
+    ) -> None:
+        """Write a committed batch's records (with their encodings), index entries and offsets, atomically."""
         batch = WriteBatch(raw_mode=True)
         for promise, value in records:
             stage(batch, promise.id, value, promise)
+        if command_offset is not None:
+            batch.put(COMMAND_OFFSET, OFFSET.pack(command_offset))
         batch.put(CHANGELOG_OFFSET, OFFSET.pack(changelog_offset))
         self._db.write(batch)
 
-    def write_raw(self, entries: Iterable[tuple[str, bytes | None]], changelog_offset: int) -> None:
-        """Restore path: changelog values as they are, then the offset. (The processor never deletes.)"""
+    def write_raw(self, entries: Iterable[tuple[bytes, bytes | None]], changelog_offset: int) -> None:
+        """Restore path: changelog records as they are, then the offset. (The processor never deletes.)"""
         batch = WriteBatch(raw_mode=True)
-        for promise_id, value in entries:
-            if value is not None:
-                stage(batch, promise_id, value, decode_indexed(value))
+        for key, value in entries:
+            if value is None:
+                continue
+            if key == PROGRESS_KEY:
+                batch.put(COMMAND_OFFSET, OFFSET.pack(decode_progress(value).next_command_offset))
+            else:
+                stage(batch, key.decode(), value, decode_indexed(value))
         batch.put(CHANGELOG_OFFSET, OFFSET.pack(changelog_offset))
         self._db.write(batch)
 
@@ -124,6 +148,19 @@ class Indexed(msgspec.Struct, gc=False):
 
 
 decode_indexed = msgspec.json.Decoder(Indexed).decode
+
+
+class Progress(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """The changelog's progress record: how far the commands of this partition have been applied."""
+
+    next_command_offset: int
+
+
+decode_progress = msgspec.json.Decoder(Progress).decode
+
+
+def progress_record(next_command_offset: int) -> bytes:
+    return encode(Progress(next_command_offset))
 
 
 def stage(batch: WriteBatch, promise_id: str, value: bytes, promise: Promise | Indexed) -> None:

@@ -22,7 +22,7 @@ from aiokafka.structs import RecordMetadata
 from consumers.effects import Effects, Incoming, Outgoing, Route, apply_batch
 from consumers.reply_topics import ReplyTopics
 from consumers.restore import restore
-from consumers.store import PartitionStore
+from consumers.store import PROGRESS_KEY, PartitionStore, progress_record
 from dp.config import Kafka
 from dp.topics import MAX_MESSAGE_BYTES
 
@@ -144,8 +144,11 @@ class PartitionWriter:
         self.store = await asyncio.to_thread(PartitionStore, self.store_path)
         changelog = TopicPartition(self.route.topics.changelog, self.route.partition)
         self.restored = await restore(self.kafka, changelog, self.store)
+        # The larger of the two: Kafka can lose a transaction's consumer-offset commit on a broker crash
+        # (markers skipped for a __consumer_offsets partition with no known leader yet), while the
+        # changelog's progress record of that same transaction survives.
         committed = await consumer.committed(self.source)
-        self.next_offset = committed or 0
+        self.next_offset = max(committed or 0, self.store.command_offset)
         consumer.seek(self.source, self.next_offset)
         self.next_deadline = self.store.next_deadline()
 
@@ -171,11 +174,16 @@ class PartitionWriter:
         effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics)
         if reply_topics.missed and await reply_topics.refresh():
             effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics)
-        changelog_end = await self.publish(effects, fresh[-1].offset + 1 if fresh else None)
-        if effects.persist:
-            self.store.write(effects.persist, changelog_end)
-        if fresh:
-            self.next_offset = fresh[-1].offset + 1
+        next_offset = fresh[-1].offset + 1 if fresh else None
+        if next_offset is not None:
+            progress = Outgoing(
+                self.route.topics.changelog, self.route.partition, PROGRESS_KEY, progress_record(next_offset)
+            )
+            effects.messages.append(progress)
+        changelog_end = await self.publish(effects, next_offset)
+        self.store.write(effects.persist, changelog_end, next_offset)
+        if next_offset is not None:
+            self.next_offset = next_offset
         self.next_deadline = self.store.next_deadline()
 
     async def publish(self, effects: Effects, next_offset: int | None) -> int:

@@ -102,6 +102,7 @@ class ServeProcess:
             "--data-dir", str(data_dir),
         ]  # fmt: skip
         self.data_dir = data_dir
+        self.group = group
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -43,7 +43,8 @@ def events_per_promise(events: list[ConsumerRecord]) -> dict[str, list[str]]:
 
 
 def latest_changelog(changelog: list[ConsumerRecord]) -> dict[str, Promise]:
-    return {record.key.decode(): decode_promise(record.value) for record in changelog}
+    """The latest promise record per id (the progress records under the empty key left out)."""
+    return {record.key.decode(): decode_promise(record.value) for record in changelog if record.key}
 
 
 def essence(promise: Promise) -> tuple[object, ...]:

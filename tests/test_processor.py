@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from consumers.store import PartitionStore
 from dp.config import Kafka, Topics
 from dp.partitioning import partition_for
-from dp.wire import DEFAULT_LIMITS, decode_event
+from dp.wire import DEFAULT_LIMITS, decode_event, decode_reply
 from tests.conftest import REPO, TEST_PARTITIONS, ServeProcess, free_port
 from tests.wire_client import WireClient, read_topic
 
@@ -160,8 +163,6 @@ async def test_restart_keeps_state_and_an_empty_data_dir_is_restored_from_the_ch
     assert sum(restored_counts(processor.log)[-TEST_PARTITIONS:]) == 0
 
     for path in processor.data_dir.iterdir():
-        import shutil
-
         shutil.rmtree(path)
     processor.start()
     async with WireClient(kafka, topics) as client:
@@ -253,3 +254,38 @@ async def test_the_largest_promise_the_limits_allow_round_trips(
         after = await client.call({"op": "get", "id": unique("after")})
     assert (created.status, resolved.status, after.status) == ("created", "resolved", "not_found")
     assert resolved.promise is not None and len(resolved.promise.value.data or b"") == DEFAULT_LIMITS.max_data_bytes
+
+
+async def test_a_lost_consumer_offset_commit_does_not_apply_commands_twice(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]
+) -> None:
+    """Kafka can complete a transaction without its consumer-offset commit (markers skipped for a
+    __consumer_offsets partition whose leader a restarted broker does not know yet). The changelog's
+    progress record, committed in the same transaction, still tells the next owner where to resume."""
+    processor = spawn()
+    ids = [unique("once") for _ in range(30)]
+    async with WireClient(kafka, topics) as client:
+        sent = await client.send_all([create(i) for i in ids])
+        await client.wait_for(sent)
+    assert processor.stop() == 0
+    await rewind_group(kafka, topics, processor.group)
+    shutil.rmtree(processor.data_dir)
+    processor.start()
+    async with WireClient(kafka, topics) as client:
+        await client.call({"op": "get", "id": ids[0]})
+    counts = Counter(decode_reply(r.value).request_id for r in await read_topic(kafka, topics.replies))
+    assert [r for r in sent if counts[r] != 1] == []
+    assert all(kinds == ["created"] for kinds in (await events_by_promise(kafka, topics)).values())
+
+
+async def rewind_group(kafka: Kafka, topics: Topics, group: str) -> None:
+    """What a lost offset commit leaves behind: the group's committed command offsets back at 0."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topics.commands, p) for p in range(TEST_PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.commit({tp: 0 for tp in tps})
+        assert {await consumer.committed(tp) for tp in tps} == {0}
+    finally:
+        await consumer.stop()
