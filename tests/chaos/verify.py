@@ -1,0 +1,639 @@
+"""The verdict, from Kafka itself (read_committed), the processors' stores and a fresh restore.
+
+The oracle is the replay: each partition's committed command records, in log order, through the
+pure `transition`. The one thing the log does not record is the processor's clock. The processor
+applied a command at some `now` between the command record's timestamp (the producer's create time)
+and its reply record's timestamp, so the replay judges each command at both bounds:
+
+- a reply that stamps its `now` (createdOn of `created`, completedOn of `resolved`/`rejected`/
+  `canceled`) must stamp it inside the window, and is judged exactly at that `now`;
+- otherwise, if both bounds give the same outcome, the reply must be exactly that; if they differ
+  (a timeout fell inside the window), the reply must be one of the two.
+
+The replay then continues from the record the reply carries, so the state it holds is exact, clock
+fields included, and every later comparison is plain equality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from consumers.restore import restore
+from consumers.store import PartitionStore
+from dp.config import Kafka, Topics
+from dp.machine import Outcome, expire, transition
+from dp.wire import Command, Event, Limits, Promise, Reply, decode_event, decode_promise, decode_reply, op_name
+from tests.chaos.accept import classify, home_partition, recoverable_request_id, salvaged_request_id
+from tests.chaos.cluster import Cluster
+from tests.chaos.workload import Ledger
+from tests.wire_client import read_topic
+
+STAMPED = {"created": "created_on", "resolved": "completed_on", "rejected": "completed_on", "canceled": "completed_on"}
+COMPLETIONS = frozenset(("resolved", "rejected", "canceled", "timedout"))
+GRACE_MS = 2_000
+SAMPLES = 5
+
+
+@dataclass
+class Verdict:
+    """Counts of what was lost, duplicated or wrong, each with a few samples, and the figures."""
+
+    lost: Counter[str] = field(default_factory=Counter)
+    duplicated: Counter[str] = field(default_factory=Counter)
+    violations: Counter[str] = field(default_factory=Counter)
+    samples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    figures: list[tuple[str, object]] = field(default_factory=list)
+    commands: int = 0
+    replies: int = 0
+
+    def _note(self, counter: Counter[str], kind: str, detail: str, count: int) -> None:
+        counter[kind] += count
+        if len(self.samples[kind]) < SAMPLES:
+            self.samples[kind].append(detail)
+
+    def lose(self, kind: str, detail: str, count: int = 1) -> None:
+        self._note(self.lost, kind, detail, count)
+
+    def duplicate(self, kind: str, detail: str, count: int = 1) -> None:
+        self._note(self.duplicated, kind, detail, count)
+
+    def violate(self, kind: str, detail: str, count: int = 1) -> None:
+        self._note(self.violations, kind, detail, count)
+
+    def figure(self, name: str, value: object) -> None:
+        self.figures.append((name, value))
+
+    def report(self) -> list[str]:
+        lines = [f"  {name}: {value}" for name, value in self.figures]
+        for title, counter in (("LOST", self.lost), ("DUPLICATED", self.duplicated), ("VIOLATION", self.violations)):
+            for kind, count in sorted(counter.items()):
+                lines.append(f"  {title} {kind}: {count}")
+                lines.extend(f"      e.g. {sample}" for sample in self.samples[kind])
+        return lines
+
+
+@dataclass
+class Logs:
+    """The five topics as they are now, read_committed, with the cluster's topic partition counts."""
+
+    commands: list[ConsumerRecord]
+    replies: list[ConsumerRecord]
+    events: list[ConsumerRecord]
+    changelog: list[ConsumerRecord]
+    dlq: list[ConsumerRecord]
+    topic_sizes: dict[str, int]
+
+
+async def read_logs(kafka: Kafka, topics: Topics) -> Logs:
+    reads = [read_topic(kafka, name, seconds=300) for name in (topics.commands, topics.replies, topics.events,
+                                                               topics.changelog, topics.dlq)]  # fmt: skip
+    commands, replies, events, changelog, dlq = await asyncio.gather(*reads)
+    return Logs(commands, replies, events, changelog, dlq, await topic_sizes(kafka))
+
+
+async def topic_sizes(kafka: Kafka) -> dict[str, int]:
+    consumer = AIOKafkaConsumer(**kafka.client_options())
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        cluster = consumer._client.cluster
+        return {topic: len(cluster.partitions_for_topic(topic) or ()) for topic in cluster.topics()}
+    finally:
+        await consumer.stop()
+
+
+def latest(changelog: Iterable[ConsumerRecord]) -> dict[str, tuple[int, Promise]]:
+    """The compacted view: the last record per key, with the partition it was on."""
+    return {
+        record.key.decode(): (record.partition, decode_promise(record.value))
+        for record in changelog
+        if record.key  # the empty key holds the processor's progress record, not a promise
+    }
+
+
+async def overdue_pending(kafka: Kafka, topics: Topics, at_ms: int) -> list[str]:
+    """Promises the changelog still shows PENDING although their timeout passed more than 2 s before `at_ms`."""
+    records = latest(await read_topic(kafka, topics.changelog, seconds=300))
+    return sorted(i for i, (_, p) in records.items() if p.state == "PENDING" and p.timeout + GRACE_MS <= at_ms)
+
+
+@dataclass
+class Context:
+    """What the verifier needs besides the logs."""
+
+    kafka: Kafka
+    topics: Topics
+    partitions: int
+    limits: Limits
+    group: str
+    ledger: Ledger
+    cluster: Cluster
+    final_gets: set[str]
+    stopped_ms: int
+    broker_log: Path
+
+
+class Replayer:
+    """Judges every valid command of one partition in log order against its reply (see module doc)."""
+
+    def __init__(self, verdict: Verdict, replies: dict[str, list[ConsumerRecord]]) -> None:
+        self.verdict = verdict
+        self.replies = replies
+        self.state: dict[str, Promise] = {}
+        self.events: dict[str, list[Event]] = defaultdict(list)
+        self.ambiguous: Counter[str] = Counter()
+        self.judged = 0
+
+    def apply(self, record: ConsumerRecord, command: Command) -> None:
+        pending = self.replies.get(command.request_id or "")
+        answer = pending.pop(0) if pending else None
+        reply = decode_reply(answer.value) if answer is not None else None
+        low = record.timestamp
+        high = answer.timestamp if answer is not None else low
+        where = f"{command.request_id} {op_name(command)} {command.id!r} at {record.partition}:{record.offset}"
+        if high < low:
+            self.verdict.violate("reply older than its command", where)
+        prior = self.state.get(command.id)
+        candidates = self.candidates(prior, command, reply, low, high, where)
+        chosen = next((c for c in candidates if reply is not None and matches(reply, c, command)), None)
+        if reply is not None and chosen is None:
+            self.verdict.violate(
+                "reply differs from the replay",
+                f"{where}: got {describe_reply(reply)}; replay says "
+                + " or ".join(describe_outcome(c) for c in candidates) + f" (before: {describe(prior)})",
+            )  # fmt: skip
+        outcome = chosen or candidates[0]
+        after = reply.promise if reply is not None and reply.promise is not None else outcome.promise
+        if after is not None:
+            self.state[command.id] = after
+        self.events[command.id].extend(outcome.events)
+        self.judged += 1
+
+    def candidates(
+        self, prior: Promise | None, command: Command, reply: Reply | None, low: int, high: int, where: str
+    ) -> list[Outcome]:
+        """The outcomes the processor may have produced: at the stamped `now`, else at both bounds."""
+        now = stamp(reply)
+        if now is not None:
+            if not low <= now <= high:
+                self.verdict.violate(
+                    "stamped time outside the command's window", f"{where}: {now} not in [{low}, {high}]"
+                )
+            return [transition(prior, command, now)]
+        at_low, at_high = transition(prior, command, low), transition(prior, command, high)
+        if same_outcome(at_low, at_high):
+            return [at_low]
+        self.ambiguous["judged"] += 1
+        if reply is not None:
+            self.ambiguous["low" if matches(reply, at_low, command) else "high"] += 1
+        return [at_low, at_high]
+
+    def finish(self, stopped_ms: int, changelog: Mapping[str, tuple[int, Promise]]) -> None:
+        """Active timeouts that no later command observed: due ones must have fired by the end."""
+        for promise_id, promise in list(self.state.items()):
+            if promise.state != "PENDING" or promise.timeout > stopped_ms:
+                continue
+            if promise.timeout + GRACE_MS > stopped_ms and changelog.get(promise_id, (0, promise))[1] == promise:
+                continue  # due within the grace period before the end: may still be pending
+            outcome = expire(promise, stopped_ms)
+            assert outcome is not None and outcome.promise is not None
+            self.state[promise_id] = outcome.promise
+            self.events[promise_id].extend(outcome.events)
+
+
+def stamp(reply: Reply | None) -> int | None:
+    """The processor's `now` when the reply states it (a creation or a completion by this command)."""
+    if reply is None or reply.promise is None or reply.status not in STAMPED:
+        return None
+    value = getattr(reply.promise, STAMPED[reply.status])
+    return int(value) if value is not None else None
+
+
+def matches(reply: Reply, outcome: Outcome, command: Command) -> bool:
+    return (
+        reply.status == outcome.status
+        and reply.ok == outcome.ok
+        and reply.promise == outcome.promise
+        and reply.op == op_name(command)
+        and reply.id == command.id
+        and reply.request_id == command.request_id
+        and reply.error is None
+    )
+
+
+def same_outcome(one: Outcome, other: Outcome) -> bool:
+    return one.status == other.status and one.promise == other.promise and one.events == other.events
+
+
+def describe(promise: Promise | None) -> str:
+    if promise is None:
+        return "none"
+    return (f"{promise.state} ikc={promise.idempotency_key_for_create} iku={promise.idempotency_key_for_complete} "
+            f"timeout={promise.timeout} created={promise.created_on} completed={promise.completed_on}")  # fmt: skip
+
+
+def describe_reply(reply: Reply) -> str:
+    return f"{reply.status} [{describe(reply.promise)}]" + (f" error={reply.error}" if reply.error else "")
+
+
+def describe_outcome(outcome: Outcome) -> str:
+    return f"{outcome.status} [{describe(outcome.promise)}]"
+
+
+async def verify(context: Context, verdict: Verdict) -> None:
+    """Every check of the issue, each adding figures and counting what is lost, duplicated or wrong."""
+    logs = await read_logs(context.kafka, context.topics)
+    valid, bad = split_commands(context, logs)
+    replies = index_replies(logs.replies)
+    dead = dead_letters(logs.dlq)
+    twice = find_reapplied(verdict, context, valid, bad, replies, dead)
+    check_replies(verdict, logs, valid, bad, replies, twice)
+    check_ledger(verdict, context.ledger, logs.commands)
+    changelog = latest(logs.changelog)
+    replayed = replay(verdict, valid, replies, context, changelog, twice)
+    check_events(verdict, logs.events, replayed, context.partitions)
+    check_final(verdict, replayed.state, changelog, context)
+    await check_stores(verdict, context, changelog)
+    check_hostile(verdict, bad, logs, dead, twice)
+
+
+# --- a known broker bug -------------------------------------------------------------------------
+
+SKIPPED_MARKERS = re.compile(
+    r"Couldn't find leader endpoint for partitions Set\(([^)]*)\) while trying to send transaction markers for "
+    r"(\S+), these partitions are likely deleted"
+)
+# Windows of command offsets (first, last) that the processor applied twice, per partition.
+Twice = dict[int, tuple[int, int]]
+
+
+def broker_skipped_markers(server_log: Path) -> list[tuple[str, str]]:
+    """(partitions, transactional id) of every transaction the broker completed without its markers."""
+    text = server_log.read_text(errors="replace") if server_log.exists() else ""
+    return [(partitions, txn) for partitions, txn in SKIPPED_MARKERS.findall(text)]
+
+
+def find_reapplied(
+    verdict: Verdict,
+    context: Context,
+    valid: Mapping[int, list[tuple[ConsumerRecord, Command]]],
+    bad: list[ConsumerRecord],
+    replies: Mapping[str, list[ConsumerRecord]],
+    dead: Mapping[tuple[int, int], list[ConsumerRecord]],
+) -> Twice:
+    """Command windows applied twice after the broker dropped a committed transaction's offset commit.
+
+    Kafka 4.4.0, restarted after kill -9 on a single node, can complete a transaction that was in
+    PrepareCommit without writing its markers: its transaction coordinator finds no partition leader
+    yet, logs "Couldn't find leader endpoint for partitions Set(...) ... likely deleted already and
+    hence can be skipped", and writes CompleteCommit. When `__consumer_offsets` is among those
+    partitions, the replies, events and changelog of that batch are committed but the consumer
+    offset never is; a processor that trusts the group's committed offset applies the batch again.
+
+    That is still a duplicate (the processor can defend itself: docs/reliability.md), and counted as
+    one, but a diagnosed one: when the exact signature is there (the broker log line for this
+    partition's transactional id naming `__consumer_offsets`, a contiguous window of records each
+    answered or dead-lettered exactly twice, and a processor reopening the partition at the window's
+    first offset), the window is replayed twice, so that every other check stays exact instead of
+    failing in cascade, and the duplicates are reported under that name with the broker's words.
+    """
+    prefix = f"{context.group}-{context.topics.commands}-"
+    logs = b"".join(p.log.read_bytes() for p in context.cluster.processors if p.log.exists()).decode(errors="replace")
+    bad_by_partition: dict[int, list[ConsumerRecord]] = defaultdict(list)
+    for record in bad:
+        bad_by_partition[record.partition].append(record)
+    twice: Twice = {}
+    for partitions, txn in broker_skipped_markers(context.broker_log):
+        if not txn.startswith(prefix) or "__consumer_offsets-" not in partitions:
+            continue
+        partition = int(txn.removeprefix(prefix))
+        counts = {r.offset: len(replies.get(c.request_id or "", [])) for r, c in valid.get(partition, [])}
+        counts.update({r.offset: len(dead.get((partition, r.offset), [])) for r in bad_by_partition[partition]})
+        doubled = [offset for offset, count in counts.items() if count == 2]
+        if not doubled:
+            continue
+        first, last = min(doubled), max(doubled)
+        window = [counts[offset] for offset in counts if first <= offset <= last]
+        reopened = f"partition {partition}: open (restored" in logs and re.search(
+            rf"partition {partition}: open \(restored \d+ records in [\d.]+s, commands from offset {first}\)", logs
+        )
+        if all(count == 2 for count in window) and reopened:
+            twice[partition] = (first, last)
+            verdict.duplicate(
+                "batch applied twice after the broker skipped its transaction markers",
+                f"partition {partition}, offsets {first}-{last} ({len(window)} records): broker log "
+                f"'Couldn't find leader endpoint for partitions Set({partitions}) ... for {txn} ... skipped'",
+                len(window),
+            )
+    return twice
+
+
+def applications(
+    records: list[tuple[ConsumerRecord, Command]], window: tuple[int, int] | None
+) -> list[tuple[ConsumerRecord, Command]]:
+    """The order in which the processor applied a partition's commands: log order, the window twice."""
+    if window is None:
+        return records
+    first, last = window
+    done = [item for item in records if item[0].offset <= last]
+    again = [item for item in records if first <= item[0].offset <= last]
+    return done + again + [item for item in records if item[0].offset > last]
+
+
+def in_window(record: ConsumerRecord, twice: Twice) -> bool:
+    window = twice.get(record.partition)
+    return window is not None and window[0] <= record.offset <= window[1]
+
+
+def dead_letters(dlq: list[ConsumerRecord]) -> dict[tuple[int, int], list[ConsumerRecord]]:
+    """DLQ copies by the (partition, offset) of the command record they copy."""
+    dead: dict[tuple[int, int], list[ConsumerRecord]] = defaultdict(list)
+    for record in dlq:
+        headers = {name: value.decode() for name, value in record.headers}
+        dead[(int(headers.get("dp.partition", -1)), int(headers.get("dp.offset", -1)))].append(record)
+    return dead
+
+
+def split_commands(
+    context: Context, logs: Logs
+) -> tuple[dict[int, list[tuple[ConsumerRecord, Command]]], list[ConsumerRecord]]:
+    """Valid commands per partition in log order, and the records the processor must refuse."""
+    valid: dict[int, list[tuple[ConsumerRecord, Command]]] = defaultdict(list)
+    bad: list[ConsumerRecord] = []
+    for record in logs.commands:
+        verdict = classify(record.key, record.value, record.partition, context.partitions, context.limits,
+                           logs.topic_sizes, context.topics.replies)  # fmt: skip
+        if isinstance(verdict, str):
+            bad.append(record)
+        else:
+            valid[record.partition].append((record, verdict))
+    return valid, bad
+
+
+def index_replies(replies: list[ConsumerRecord]) -> dict[str, list[ConsumerRecord]]:
+    """Reply records per requestId (anonymous ones under ""), oldest first."""
+    by_request: dict[str, list[ConsumerRecord]] = defaultdict(list)
+    for record in sorted(replies, key=lambda r: (r.timestamp, r.partition, r.offset)):
+        by_request[decode_reply(record.value).request_id or ""].append(record)
+    return by_request
+
+
+def check_replies(
+    verdict: Verdict,
+    logs: Logs,
+    valid: Mapping[int, list[tuple[ConsumerRecord, Command]]],
+    bad: list[ConsumerRecord],
+    replies: Mapping[str, list[ConsumerRecord]],
+    twice: Twice,
+) -> None:
+    """Each command record in the log gets exactly one reply, matched by requestId."""
+    answered = {request_id: len(records) for request_id, records in replies.items()}
+    expected: Counter[str] = Counter()
+    for records in valid.values():
+        for record, command in records:
+            expected[command.request_id or ""] += 2 if in_window(record, twice) else 1
+    for record in bad:
+        expected[refusal_address(record, answered)] += 2 if in_window(record, twice) else 1
+    for request_id, count in expected.items():
+        got = answered.get(request_id, 0)
+        label = request_id or "anonymous refusals"
+        if got < count:
+            verdict.lose("command in the log without a reply", label, count - got)
+        elif got > count:
+            verdict.duplicate("reply to the same request more than once", f"{label}: {got} replies", got - count)
+    for request_id, count in answered.items():
+        if request_id not in expected:
+            verdict.violate("reply to a request that is not in the log", f"{request_id}: {count}")
+    repeated = sum(
+        1
+        for request_id, count in Counter(c.request_id for records in valid.values() for _, c in records).items()
+        if request_id and count > 1
+    )
+    statuses = Counter(decode_reply(r.value).status for r in logs.replies)
+    verdict.commands, verdict.replies = len(logs.commands), len(logs.replies)
+    verdict.figure("command records in the log", f"{len(logs.commands)} ({sum(map(len, valid.values()))} valid, "
+                   f"{len(bad)} refused; {repeated} requestIds written twice by a producer)")  # fmt: skip
+    verdict.figure("reply records", f"{len(logs.replies)} ({', '.join(f'{s} {n}' for s, n in statuses.most_common())})")
+
+
+def refusal_address(record: ConsumerRecord, answered: Mapping[str, int]) -> str:
+    """The requestId a refused record is answered under ("" for an anonymous reply).
+
+    A valid JSON object's string requestId must be used; one salvaged from a record that is not
+    valid JSON throughout may be used or not (WIRE.md: "when it can recover a requestId").
+    """
+    request_id = recoverable_request_id(record.value)
+    if request_id:
+        return request_id
+    salvaged = salvaged_request_id(record.value)
+    return salvaged if salvaged and answered.get(salvaged) else ""
+
+
+def check_ledger(verdict: Verdict, ledger: Ledger, commands: list[ConsumerRecord]) -> None:
+    """What the clients sent against what the log holds: an acknowledged send must be there, where Kafka said."""
+    at: dict[tuple[int, int], str | None] = {}
+    in_log: set[str] = set()
+    for record in commands:
+        request_id = recoverable_request_id(record.value)
+        at[(record.partition, record.offset)] = request_id
+        if request_id:
+            in_log.add(request_id)
+    unacknowledged = unresolved = 0
+    for attempt in ledger.attempts.values():
+        if attempt.acked and attempt.position is not None and at.get(attempt.position) != attempt.request_id:
+            verdict.lose("acknowledged send missing from the log", f"{attempt.request_id} at {attempt.position}")
+        elif attempt.request_id not in in_log:
+            if attempt.acked is False:
+                unacknowledged += 1
+            else:
+                unresolved += 1
+                verdict.violate("send neither acknowledged nor failed, and not in the log", attempt.request_id)
+    failed_in_log = sum(1 for a in ledger.failed() if a.request_id in in_log)
+    verdict.figure(
+        "client sends",
+        f"{ledger.sent} ({ledger.retries} retries after a reply timeout or a failed send, {ledger.gave_up} gave up)",
+    )
+    verdict.figure(
+        "requests without a reply, explained",
+        f"{unacknowledged} (send failed, never acknowledged by Kafka; another {failed_in_log} failed sends did "
+        "reach the log and were answered)",
+    )
+
+
+def replay(
+    verdict: Verdict,
+    valid: Mapping[int, list[tuple[ConsumerRecord, Command]]],
+    replies: dict[str, list[ConsumerRecord]],
+    context: Context,
+    changelog: Mapping[str, tuple[int, Promise]],
+    twice: Twice,
+) -> Replayer:
+    """Replay every partition; one Replayer suffices because a promise lives on one partition."""
+    replayer = Replayer(verdict, {k: list(v) for k, v in replies.items()})
+    for partition in sorted(valid):
+        for record, command in applications(valid[partition], twice.get(partition)):
+            replayer.apply(record, command)
+    replayer.finish(context.stopped_ms, changelog)
+    verdict.figure("commands replayed", replayer.judged)
+    verdict.figure(
+        "judged at either bound (a timeout fell between command and reply)",
+        f"{replayer.ambiguous['judged']} (matched the command's time {replayer.ambiguous['low']}, "
+        f"the reply's {replayer.ambiguous['high']})",
+    )
+    return replayer
+
+
+def check_events(verdict: Verdict, events: list[ConsumerRecord], replayer: Replayer, partitions: int) -> None:
+    """Per promise: a valid history, no duplicate, and exactly the events the replay produced."""
+    actual: dict[str, list[Event]] = defaultdict(list)
+    for record in events:
+        event = decode_event(record.value)
+        actual[event.promise.id].append(event)
+        if record.partition != home_partition(event.promise.id.encode(), partitions):
+            verdict.violate("event on the wrong partition", f"{event.promise.id} on {record.partition}")
+    kinds: Counter[str] = Counter()
+    for promise_id in sorted(set(actual) | set(replayer.events)):
+        history = actual.get(promise_id, [])
+        kinds.update(e.type for e in history)
+        check_history(verdict, promise_id, history)
+        expected = replayer.events.get(promise_id, [])
+        if [e.type for e in history] != [e.type for e in expected]:
+            verdict.violate(
+                "events differ from the replay",
+                f"{promise_id}: {[e.type for e in history]} vs replay {[e.type for e in expected]}",
+            )
+            continue
+        for got, want in zip(history, expected, strict=True):
+            same_request = got.request_id == want.request_id or (got.type == "timedout" and got.request_id is None)
+            if got.promise != want.promise or not same_request:
+                detail = (
+                    f"{describe(got.promise)} rid={got.request_id} vs {describe(want.promise)} rid={want.request_id}"
+                )
+                verdict.violate("event record differs from the replay", f"{promise_id} {got.type}: {detail}")
+    verdict.figure("events", f"{len(events)} ({', '.join(f'{k} {n}' for k, n in kinds.most_common())})")
+
+
+def check_history(verdict: Verdict, promise_id: str, history: list[Event]) -> None:
+    """Created first, at most one completion, nothing after it, no event twice."""
+    types = [e.type for e in history]
+    if types and types[0] != "created":
+        verdict.violate("history does not start with created", f"{promise_id}: {types}")
+    completions = [i for i, t in enumerate(types) if t in COMPLETIONS]
+    if len(completions) > 1 or types.count("created") > 1:
+        seen: set[bytes] = set()
+        for event in history:
+            fingerprint = repr((event.type, event.promise, event.request_id)).encode()
+            if fingerprint in seen:
+                verdict.duplicate("event emitted twice", f"{promise_id}: {types}")
+            seen.add(fingerprint)
+        verdict.violate("more than one creation or completion", f"{promise_id}: {types}")
+    elif completions and completions[0] != len(types) - 1:
+        verdict.violate("event after the completion", f"{promise_id}: {types}")
+
+
+def check_final(
+    verdict: Verdict, expected: Mapping[str, Promise], changelog: Mapping[str, tuple[int, Promise]], context: Context
+) -> None:
+    """Final states: the replay equals the compacted changelog; nothing is left pending past its timeout."""
+    for promise_id in sorted(set(expected) | set(changelog)):
+        want = expected.get(promise_id)
+        partition, got = changelog.get(promise_id, (None, None))
+        if got != want:
+            verdict.violate("final state differs from the replay", f"{promise_id}: changelog {describe(got)}; "
+                            f"replay {describe(want)}")  # fmt: skip
+        if partition is not None and partition != home_partition(promise_id.encode(), context.partitions):
+            verdict.violate("changelog record on the wrong partition", f"{promise_id} on {partition}")
+        if got is not None and got.state == "PENDING" and got.timeout + GRACE_MS <= context.stopped_ms:
+            verdict.violate("pending past its timeout plus 2 s at the end", f"{promise_id}: {describe(got)}")
+    states = Counter(p.state for _, p in changelog.values())
+    verdict.figure("promises", f"{len(changelog)} ({', '.join(f'{s} {n}' for s, n in states.most_common())})")
+
+
+async def check_stores(verdict: Verdict, context: Context, changelog: Mapping[str, tuple[int, Promise]]) -> None:
+    """The compacted changelog, a fresh restore into an empty dir and the live stores agree record by record."""
+    per_partition: dict[int, dict[str, Promise]] = defaultdict(dict)
+    for promise_id, (partition, promise) in changelog.items():
+        per_partition[partition][promise_id] = promise
+    owners = context.cluster.owners()
+    scratch = Path(tempfile.mkdtemp(prefix="dp-chaos-restore-"))
+    compared = 0
+    try:
+        for partition in range(context.partitions):
+            want = per_partition.get(partition, {})
+            fresh = PartitionStore(scratch / f"partition-{partition}")
+            try:
+                await restore(context.kafka, TopicPartition(context.topics.changelog, partition), fresh)
+                compare_store(verdict, "fresh restore", partition, fresh.records(), want)
+            finally:
+                fresh.close()
+            owner = owners.get(partition)
+            if owner is None:
+                verdict.violate("partition never opened", str(partition))
+                continue
+            path = owner.data_dir / context.group / f"partition-{partition}"
+            if not path.exists():
+                verdict.violate("live store missing", f"partition {partition}: {path}")
+                continue
+            live = PartitionStore(path)
+            try:
+                compare_store(verdict, f"live store of {owner.name}", partition, live.records(), want)
+            finally:
+                live.close()
+            compared += len(want)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    verdict.figure("records compared (changelog = fresh restore = live store)", compared)
+
+
+def compare_store(
+    verdict: Verdict, what: str, partition: int, got: dict[str, Promise], want: dict[str, Promise]
+) -> None:
+    for promise_id in sorted(set(got) | set(want)):
+        if got.get(promise_id) != want.get(promise_id):
+            detail = f"{describe(got.get(promise_id))} vs changelog {describe(want.get(promise_id))}"
+            verdict.violate(f"{what} differs from the changelog", f"partition {partition} {promise_id}: {detail}")
+
+
+def check_hostile(
+    verdict: Verdict,
+    bad: list[ConsumerRecord],
+    logs: Logs,
+    dead: Mapping[tuple[int, int], list[ConsumerRecord]],
+    twice: Twice,
+) -> None:
+    """Each refused record: answered `invalid` when it carries a requestId, and dead-lettered once, intact."""
+    by_request = {decode_reply(r.value).request_id: decode_reply(r.value) for r in logs.replies}
+    answered = Counter(request_id or "" for request_id in by_request)
+    refused = set()
+    for record in bad:
+        position = (record.partition, record.offset)
+        refused.add(position)
+        request_id = refusal_address(record, answered)
+        reply = by_request.get(request_id) if request_id else None
+        if request_id and reply is not None and reply.status != "invalid":
+            verdict.violate("bad record not answered invalid", f"{request_id}: {reply.status}")
+        copies = dead.get(position, [])
+        allowed = 2 if in_window(record, twice) else 1
+        if not copies:
+            verdict.lose("bad record missing from the DLQ", f"{position}")
+        elif len(copies) > allowed:
+            verdict.duplicate("bad record dead-lettered twice", f"{position}", len(copies) - allowed)
+        elif (copies[0].key, copies[0].value or b"") != (record.key, record.value or b""):
+            verdict.violate("DLQ copy differs from the record", f"{position}")
+    for position in dead:
+        if position not in refused:
+            verdict.violate("valid command dead-lettered", f"{position}")
+    answerable = sum(1 for r in bad if refusal_address(r, answered))
+    verdict.figure(
+        "hostile records refused", f"{len(bad)} (DLQ records {len(logs.dlq)}, {answerable} with a requestId)"
+    )
