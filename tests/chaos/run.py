@@ -46,6 +46,8 @@ from tests.chaos.workload import Attempt, Budget, Client, Ledger, Mix, Pacer, Re
 # Smaller than the defaults so that oversized hostile records stay cheap; the checks are the same.
 LIMITS = Limits(max_record_bytes=128 * 1024, max_data_bytes=32 * 1024)
 SETTLE_S = 120.0
+# Logged by Kafka 4.4.0's group coordinator when it served committed offsets that went back in time.
+OUT_OF_SYNC = "is out of sync with the underlying log"
 GRACE_S = 2.5
 
 
@@ -367,8 +369,12 @@ class Run:
             v.figure("broker outage", f"{(end - begin) / 1000:.1f}s")
         for detail in log.unexpected_exits:
             v.violate("processor exited on its own", detail)
-        for partitions, txn in broker_skipped_markers(self.cluster.broker.data / "server.log"):
+        server_log = self.cluster.broker.data / "server.log"
+        for partitions, txn in broker_skipped_markers(server_log):
             v.figure("KAFKA BUG: broker completed a transaction without writing its markers", f"{txn} on {partitions}")
+        reloads = server_log.read_text(errors="replace").count(OUT_OF_SYNC) if server_log.exists() else 0
+        if reloads:
+            v.figure("KAFKA BUG: group coordinator reloads, 'out of sync with the underlying log'", reloads)
         if self.hostile is not None:
             kinds = ", ".join(f"{k} {n}" for k, n in self.hostile.hostile.drawn.most_common())
             v.figure("hostile records sent", f"{self.hostile.sent} (acknowledged {self.hostile.acked}; {kinds})")
