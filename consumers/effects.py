@@ -53,9 +53,6 @@ class Effects:
     changes: dict[str, Promise] = field(default_factory=dict)
     persist: list[tuple[Promise, bytes]] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.messages)
-
 
 @dataclass(frozen=True)
 class Route:

@@ -104,18 +104,18 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def wait_for_topics(self) -> int:
         """The partition count; retries while no broker answers, gives up on missing or odd topics."""
-        for attempt in range(1_000_000):
+        delays = iter(RETRY_BACKOFF_S)
+        while True:
             try:
                 return await check_topics(self.settings.kafka, self.settings.topics)
             except BrokerUnreachable as error:
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                delay = next(delays, RETRY_BACKOFF_S[-1])
                 log.warning("%s Retrying in %.1fs.", error, delay)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), delay)
                 except TimeoutError:
                     continue
-                raise
-        raise AssertionError("unreachable")
+                raise  # stopped before a broker answered
 
     # --- rebalancing (called by aiokafka's coordinator) -------------------------------------
 

@@ -105,7 +105,7 @@ class PartitionWriter:
                 await self.run_batch(records, now_ms(), reply_topics)
                 if self._queue:
                     self._work.set()
-                elif consumer.paused() and self.source in consumer.paused():
+                elif self.source in consumer.paused():
                     consumer.resume(self.source)
         finally:
             self.accepting = False

@@ -36,7 +36,7 @@ from hdrh.histogram import HdrHistogram
 from dp.config import Kafka, Topics
 from dp.partitioning import partition_for
 from dp.topics import admin_client, all_topics, check_topics, create_topics
-from dp.wire import Command, Create, Get, Resolve, Value, decode_reply, encode
+from dp.wire import Command, Create, Get, Reply, Resolve, Value, decode_reply, encode
 
 READY_SECONDS = 120.0
 DRAIN_SECONDS = 300.0
@@ -127,10 +127,9 @@ class Replies:
             if batches:
                 self.changed.set()
 
-    def _time(self, reply: object, arrived: float) -> None:
-        request_id = getattr(reply, "request_id", None)
-        self.ok += bool(getattr(reply, "ok", False))
-        sent = self.sent_at.pop(request_id, None) if request_id else None
+    def _time(self, reply: Reply, arrived: float) -> None:
+        self.ok += reply.ok
+        sent = self.sent_at.pop(reply.request_id, None) if reply.request_id else None
         if sent is not None:
             self.histogram.record_value(max(1, int((arrived - sent) * 1_000_000)))
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from aiokafka.structs import ConsumerRecord
 
 from dp.machine import transition
-from dp.wire import InvalidCommand, Promise, decode_command, decode_event, decode_promise, decode_reply
+from dp.wire import InvalidCommand, Promise, decode_command, decode_event, decode_promise
 
 
 def replay(commands: list[ConsumerRecord]) -> tuple[dict[str, str], dict[str, Promise]]:
@@ -28,10 +28,6 @@ def replay(commands: list[ConsumerRecord]) -> tuple[dict[str, str], dict[str, Pr
         if command.request_id is not None:
             statuses[command.request_id] = outcome.status
     return statuses, promises
-
-
-def reply_counts(replies: list[ConsumerRecord]) -> Counter[str | None]:
-    return Counter(decode_reply(record.value).request_id for record in replies)
 
 
 def events_per_promise(events: list[ConsumerRecord]) -> dict[str, list[str]]:

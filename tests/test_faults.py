@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
 from dp.config import Kafka, Topics
+from dp.wire import decode_reply
 from tests.conftest import TEST_PARTITIONS, ServeProcess
-from tests.replay import essence, events_per_promise, latest_changelog, replay, reply_counts
+from tests.replay import essence, events_per_promise, latest_changelog, replay
 from tests.test_processor import complete, create, unique
 from tests.wire_client import WireClient, read_topic
 
@@ -35,13 +37,11 @@ def sharing(*processes: ServeProcess) -> bool:
 
 async def verify_exactly_once(kafka: Kafka, topics: Topics, request_ids: list[str], ids: list[str]) -> None:
     """Every request answered once, as the replay says; events complete and unduplicated; states equal."""
-    replies = await read_topic(kafka, topics.replies)
-    counts = reply_counts(replies)
+    replies = [decode_reply(record.value) for record in await read_topic(kafka, topics.replies)]
+    counts = Counter(reply.request_id for reply in replies)
     assert [r for r in request_ids if counts[r] != 1] == []
     expected_status, expected_state = replay(await read_topic(kafka, topics.commands))
-    from dp.wire import decode_reply
-
-    actual_status = {reply.request_id: reply.status for reply in map(decode_reply, (r.value for r in replies))}
+    actual_status = {reply.request_id: reply.status for reply in replies}
     assert {r: actual_status[r] for r in request_ids} == {r: expected_status[r] for r in request_ids}
     events = events_per_promise(await read_topic(kafka, topics.events))
     stored = latest_changelog(await read_topic(kafka, topics.changelog))
