@@ -14,6 +14,8 @@ from typing import Annotated, Any, Final, Literal, final, get_args
 
 import msgspec
 
+from dp.explain import invalid_document, malformed_json
+
 State = Literal["PENDING", "RESOLVED", "REJECTED", "REJECTED_CANCELED", "REJECTED_TIMEDOUT"]
 EventType = Literal["created", "resolved", "rejected", "canceled", "timedout"]
 Status = Literal[
@@ -188,10 +190,10 @@ def decode_command(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Command:
         raise InvalidCommand(f"record is {len(data)} bytes, over the limit of {limits.max_record_bytes}")
     try:
         command = _COMMANDS.decode(data)
-    except msgspec.ValidationError as error:
-        raise InvalidCommand(_explain(str(error), data)) from None
-    except _MALFORMED as error:
-        raise InvalidCommand(f"not valid JSON: {_lower(str(error).removeprefix('JSON is malformed: '))}") from None
+    except msgspec.ValidationError:
+        raise InvalidCommand(invalid_document(data, Command)) from None
+    except _MALFORMED:
+        raise InvalidCommand(malformed_json(data)) from None
     _check_sizes(command, limits)
     return command
 
@@ -231,33 +233,3 @@ def _check_data(field: str, value: Value, limits: Limits) -> None:
         raise InvalidCommand(
             f"`{field}.data`: must be at most {limits.max_data_bytes} bytes decoded, got {len(value.data)}"
         )
-
-
-_MISSING: Final = "Object missing required field `"
-_INVALID: Final = "Invalid value "
-
-
-def _explain(message: str, data: bytes) -> str:
-    """Translate a msgspec validation message ("Expected `int`, got `str` - at `$.timeout`") to ours."""
-    text, _, where = message.partition(" - at `$")
-    path = where.rstrip("`").removeprefix(".")
-    if text.startswith(_MISSING):
-        name = text.removeprefix(_MISSING).rstrip("`")
-        return _missing(f"{path}.{name}" if path else name, data)
-    if path == "op" and text.startswith(_INVALID):
-        return f"`op`: unknown op {text.removeprefix(_INVALID)}, expected one of {', '.join(OPS)}"
-    if not path:
-        return f"not a JSON object: {_lower(text)}"
-    return f"`{path}`: {_lower(text)}"
-
-
-def _missing(field: str, data: bytes) -> str:
-    if field == "op":
-        return f"`op`: required, one of {', '.join(OPS)}"
-    envelope = _envelope(data)
-    op = envelope.op if envelope is not None and isinstance(envelope.op, str) else "this op"
-    return f"`{field}`: required for {op}"
-
-
-def _lower(text: str) -> str:
-    return text[:1].lower() + text[1:]

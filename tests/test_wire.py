@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Any, get_args
 
@@ -169,52 +170,58 @@ ONE_MIB = 1024 * 1024
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"not json", "not valid JSON: invalid character (byte 4)"),
-        (b"", "not valid JSON: input data was truncated"),
-        (b'{"op":"get","id":"x"} trailing', "not valid JSON: trailing characters (byte 23)"),
-        (b'{"op":"get","id":"\xff"}', "not valid JSON: 'utf-8' codec can't decode byte 0xff"),
-        (b'{"a":' * 10_000, "not valid JSON: maximum recursion depth exceeded"),
-        (b"[1, 2]", "not a JSON object: expected `object`, got `array`"),
-        (b'"create"', "not a JSON object: expected `object`, got `str`"),
-        (b"null", "not a JSON object: expected `object`, got `null`"),
+        (b"not json", "not valid JSON at character 0"),
+        (b"", "not valid JSON: the text ends before the document does"),
+        (b'{"op":"get","id":"x"} trailing', "not valid JSON at character 22"),
+        (b'{"op":"get","id":"\xff"}', "not valid JSON: not UTF-8 at byte 18"),
+        (b'{"a":' * 10_000, "not valid JSON: nested too deeply"),
+        (b"[1, 2]", "not a JSON object: got an array"),
+        (b'"create"', "not a JSON object: got a string"),
+        (b"null", "not a JSON object: got null"),
         (b'{"id":"x"}', "`op`: required, one of create, resolve, reject, cancel, get"),
         (
             b'{"op":"frobnicate","id":"x"}',
             "`op`: unknown op 'frobnicate', expected one of create, resolve, reject, cancel, get",
         ),
-        (b'{"op":7,"id":"x"}', "`op`: expected `str`"),
+        (b'{"op":7,"id":"x"}', "`op`: expected one of create, resolve, reject, cancel, get, got a number"),
         (b'{"op":"get"}', "`id`: required for get"),
-        (b'{"op":"get","id":""}', "`id`: expected `str` of length >= 1"),
-        (b'{"op":"get","id":42}', "`id`: expected `str`, got `int`"),
+        (b'{"op":"get","id":""}', "`id`: must not be empty"),
+        (b'{"op":"get","id":42}', "`id`: expected a string, got a number"),
         (record(op="get", id="x" * 300), "`id`: must be at most 256 UTF-8 bytes, got 300"),
         (record(op="get", id="é" * 129), "`id`: must be at most 256 UTF-8 bytes, got 258"),
         (b'{"op":"create","id":"x"}', "`timeout`: required for create"),
-        (b'{"op":"create","id":"x","timeout":"soon"}', "`timeout`: expected `int`, got `str`"),
-        (b'{"op":"create","id":"x","timeout":1.5}', "`timeout`: expected `int`, got `float`"),
-        (b'{"op":"create","id":"x","timeout":-1}', "`timeout`: expected `int` >= 0"),
-        (b'{"op":"create","id":"x","timeout":1e400}', "`timeout`: number out of range"),
-        (b'{"op":"create","id":"x","timeout":99999999999999999999}', "`timeout`: expected `int` <= "),
-        (b'{"op":"resolve","id":"x","strict":"yes"}', "`strict`: expected `bool`, got `str`"),
-        (b'{"op":"resolve","id":"x","idempotencyKey":5}', "`idempotencyKey`: expected `str | null`, got `int`"),
-        (b'{"op":"get","id":"x","replyPartition":-2}', "`replyPartition`: expected `int` >= 0"),
-        (b'{"op":"create","id":"x","timeout":1,"tags":{"a":1}}', "`tags[...]`: expected `str`, got `int`"),
-        (b'{"op":"create","id":"x","timeout":1,"param":[]}', "`param`: expected `object`, got `array`"),
+        (b'{"op":"create","id":"x","timeout":"soon"}', "`timeout`: expected an integer, got a string"),
+        (b'{"op":"create","id":"x","timeout":1.5}', "`timeout`: expected an integer, got a number"),
+        (b'{"op":"create","id":"x","timeout":-1}', "`timeout`: must be at least 0"),
+        (b'{"op":"create","id":"x","timeout":1e400}', "`timeout`: expected an integer, got a number"),
+        (b'{"op":"create","id":"x","timeout":99999999999999999999}', "`timeout`: must be at most 9223372036854775807"),
+        (b'{"op":"resolve","id":"x","strict":"yes"}', "`strict`: expected true or false, got a string"),
+        (b'{"op":"resolve","id":"x","idempotencyKey":5}', "`idempotencyKey`: expected a string or null, got a number"),
+        (b'{"op":"get","id":"x","replyPartition":-2}', "`replyPartition`: must be at least 0"),
+        (b'{"op":"create","id":"x","timeout":1,"tags":{"a":1}}', '`tags["a"]`: expected a string, got a number'),
+        (b'{"op":"create","id":"x","timeout":1,"param":[]}', "`param`: expected an object, got an array"),
         (
             b'{"op":"create","id":"x","timeout":1,"param":{"data":"not base64!"}}',
-            "`param.data`: invalid base64 encoded string",
+            "`param.data`: not valid base64",
         ),
-        (b'{"op":"reject","id":"x","value":{"data":"YQ"}}', "`value.data`: invalid base64 encoded string"),
+        (b'{"op":"reject","id":"x","value":{"data":"YQ"}}', "`value.data`: not valid base64"),
         (
             record(op="resolve", id="x", value={"data": "A" * (4 * (512 * 1024 // 3 + 1))}),
             "`value.data`: must be at most 524288 bytes decoded, got 524289",
         ),
         (b" " * (ONE_MIB + 1), "record is 1048577 bytes, over the limit of 1048576"),
+        (b'{"op":"get","id":NaN}', "not valid JSON: NaN and Infinity are not JSON numbers"),
+        (b'{"op":"get","id":"x","replyTo":[]}', "`replyTo`: expected a string or null, got an array"),
+        (
+            b'{"op":"reject","id":"x","value":{"headers":{"a":null}}}',
+            '`value.headers["a"]`: expected a string, got null',
+        ),
     ],
 )
 def test_malformed_input_is_an_invalid_command_naming_the_problem(data: bytes, message: str) -> None:
     with pytest.raises(InvalidCommand) as raised:
         decode_command(data)
-    assert str(raised.value).startswith(message)
+    assert str(raised.value) == message
 
 
 def test_an_id_of_exactly_256_utf8_bytes_is_accepted() -> None:
@@ -269,11 +276,16 @@ COMMAND_LIKE = st.fixed_dictionaries(
 )
 
 
+# dp's own sentences: none falls back to "see docs/wire.md", which would mean dp found no reason of its
+# own where msgspec refused, and none repeats msgspec's wording (capitalised, "Expected `int`").
+DP_REASONS = re.compile(r"not valid JSON(:| at)|not a JSON object: got |`[^`]+`: [a-z]|record is \d+ bytes")
+
+
 def assert_decodes_or_is_invalid(data: bytes) -> None:
     try:
         command = decode_command(data)
     except InvalidCommand as error:
-        assert str(error)
+        assert DP_REASONS.match(str(error)), str(error)
     else:
         assert isinstance(command, get_args(Command))
     request_id, reply_to, partition = reply_address(data)
