@@ -14,12 +14,13 @@ import argparse
 import asyncio
 import signal
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from consumers.effects import Outgoing
-from consumers.writer import batched, transactional_producer
-from dp.config import Kafka, Topics
+from consumers.writer import batched
+from dp.kafka import command_consumer, transactional_producer
+from dp.settings import Kafka, Processor, Topics, add_flags, from_flags
 
 
 class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -28,10 +29,7 @@ class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
         self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self.reply_partitions = 1
         self.stopping = asyncio.Event()
-        self.consumer = AIOKafkaConsumer(
-            **kafka.client_options(), group_id=group, enable_auto_commit=False, isolation_level="read_committed",
-            auto_offset_reset="earliest", fetch_max_wait_ms=50, max_partition_fetch_bytes=4 * 1024 * 1024,
-        )  # fmt: skip
+        self.consumer = command_consumer(kafka, group)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
@@ -80,13 +78,12 @@ class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--topic-prefix", required=True)
+    add_flags(parser, Kafka, "Kafka connection")
+    add_flags(parser, Topics, "topics")
     parser.add_argument("--group", default="dp-baseline")
-    parser.add_argument("--max-batch", type=int, default=2000)
+    parser.add_argument("--max-batch", type=int, default=Processor.max_batch)
     args = parser.parse_args()
-    pipe = Pipe(Kafka(bootstrap_servers=args.bootstrap_servers), Topics.with_prefix(args.topic_prefix), args.group,
-                args.max_batch)  # fmt: skip
+    pipe = Pipe(from_flags(Kafka, args), from_flags(Topics, args), args.group, args.max_batch)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pipe.stopping.set)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from typing import Final, TextIO
 
-from dp.cli import EXIT_KO, EXIT_OK, EXIT_USAGE, add_kafka_options, kafka_from, quiet_client_logs, topics_from
 from dp.client import Promises
 from dp.errors import DpError
+from dp.settings import Kafka, Topics, add_flags, from_flags
 from dp.wire import EventType, encode
 
 COMPLETIONS: Final[tuple[EventType, ...]] = ("resolved", "rejected", "canceled", "timedout")
@@ -41,7 +42,7 @@ async def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main.cancel)
     with contextlib.suppress(asyncio.CancelledError):  # our own signal handler's doing: exit normally
-        async with Promises(kafka=kafka_from(args), topics=topics_from(args)) as promises:
+        async with Promises(kafka=from_flags(Kafka, args), topics=from_flags(Topics, args)) as promises:
             await forward(promises, args.group, args.from_beginning, sys.stdout)
 
 
@@ -57,18 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a group with no committed position starts at the oldest event kept (default: from now)",
     )
-    add_kafka_options(parser)
+    add_flags(parser, Kafka, "Kafka connection")
+    add_flags(parser, Topics, "topics")
     args = parser.parse_args(argv)
-    quiet_client_logs()
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # a failure is reported once, below, in one sentence
     try:
         asyncio.run(run(args))
     except DpError as error:
         print(f"completions: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return 2
     except BrokenPipeError:
         print("completions: the output pipe closed; the event not written comes again on restart.", file=sys.stderr)
-        return EXIT_KO
-    return EXIT_OK
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from typing import Protocol
 
 import msgspec
 
-from dp.config import Topics
 from dp.machine import Outcome, expire, reply_for, transition
 from dp.partitioning import partition_for
+from dp.settings import Topics
 from dp.wire import Command, InvalidCommand, Limits, Promise, Reply, decode_command, encode, reply_address
 
 Headers = list[tuple[str, bytes]]

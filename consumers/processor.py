@@ -14,8 +14,6 @@ import logging
 import signal
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -24,10 +22,10 @@ from aiokafka.structs import ConsumerRecord
 from consumers.effects import Route
 from consumers.reply_topics import ReplyTopics
 from consumers.writer import PartitionWriter
-from dp.config import Kafka, Topics
 from dp.errors import BrokerUnreachable
+from dp.kafka import command_consumer
+from dp.settings import Processor as ProcessorSettings
 from dp.topics import check_topics
-from dp.wire import DEFAULT_LIMITS, Limits
 
 log = logging.getLogger("dp.processor")
 
@@ -36,16 +34,6 @@ RETRY_BACKOFF_S = (0.5, 1, 2, 5, 10)
 # After being fenced, reopen only if no rebalance took the partition away within a session timeout:
 # then the group still says it is ours and whoever fenced us was the stale one.
 FENCED_WAIT_S = 15.0
-
-
-@dataclass(frozen=True)
-class ProcessorSettings:
-    kafka: Kafka = field(default_factory=Kafka)
-    topics: Topics = field(default_factory=Topics.from_env)
-    group: str = "dp"
-    data_dir: Path = Path("data")
-    max_batch: int = 2_000
-    limits: Limits = DEFAULT_LIMITS
 
 
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -67,18 +55,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         """Serve until `stop()` (SIGTERM/SIGINT): finish the batches in flight, close stores, return."""
         self.partitions = await self.wait_for_topics()
         await self.reply_topics.start()
-        self.consumer = AIOKafkaConsumer(
-            **self.settings.kafka.client_options(),
-            group_id=self.settings.group,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-            max_poll_interval_ms=300_000,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
-            fetch_max_wait_ms=50,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
+        self.consumer = command_consumer(self.settings.kafka, self.settings.group)
         self.consumer.subscribe([self.settings.topics.commands], listener=self)
         await self.consumer.start()
         log.info(

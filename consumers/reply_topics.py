@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 
-from aiokafka.client import AIOKafkaClient
-
-from dp.config import Kafka
+from dp.kafka import metadata_client
+from dp.settings import Kafka
 
 METADATA_REFRESH_S = 1.0
 
@@ -21,7 +20,7 @@ class ReplyTopics(Mapping[str, int]):
     """
 
     def __init__(self, kafka: Kafka) -> None:
-        self._client = AIOKafkaClient(**kafka.client_options())
+        self._client = metadata_client(kafka)
         self._counts: dict[str, int] = {}
         self._refreshed = 0.0
         self.missed = False

@@ -7,24 +7,18 @@ start instead.
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from consumers.store import PartitionStore
-from dp.config import Kafka
+from dp.kafka import restore_consumer
+from dp.settings import Kafka
 
 RESTORE_BATCH = 20_000
 
 
 async def restore(kafka: Kafka, changelog: TopicPartition, store: PartitionStore) -> int:
     """Replay the changelog from the store's offset to the end; returns the records replayed."""
-    consumer = AIOKafkaConsumer(
-        **kafka.client_options(),
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_partition_fetch_bytes=32 * 1024 * 1024,
-    )
+    consumer = restore_consumer(kafka)
     await consumer.start()
     try:
         consumer.assign([changelog])

@@ -23,8 +23,8 @@ from consumers.effects import Effects, Incoming, Outgoing, Route, apply_batch
 from consumers.reply_topics import ReplyTopics
 from consumers.restore import restore
 from consumers.store import PROGRESS_KEY, PartitionStore, progress_record
-from dp.config import Kafka
-from dp.topics import MAX_MESSAGE_BYTES
+from dp.kafka import transactional_producer
+from dp.settings import Kafka
 
 log = logging.getLogger("dp.processor")
 
@@ -40,20 +40,6 @@ aiokafka.producer.sender.BACKOFF_OVERRIDE = 0.002
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def transactional_producer(kafka: Kafka, txn_id: str) -> AIOKafkaProducer:
-    """The producer settings of every partition writer (and of the benchmark's baseline pipe)."""
-    return AIOKafkaProducer(
-        **kafka.client_options(),
-        transactional_id=txn_id,
-        acks="all",
-        linger_ms=0,
-        retry_backoff_ms=5,
-        max_batch_size=256 * 1024,
-        max_request_size=MAX_MESSAGE_BYTES + 64 * 1024,
-        request_timeout_ms=30_000,
-    )
 
 
 def transactional_id(group: str, topic: str, partition: int) -> str:

@@ -14,7 +14,6 @@ it creates fresh topics, starts K `dp serve` processes on them, and removes both
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -30,12 +29,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from hdrh.histogram import HdrHistogram
 
-from dp.config import Kafka, Topics
+from dp import kafka as clients
 from dp.partitioning import partition_for
-from dp.topics import admin_client, all_topics, check_topics, create_topics
+from dp.settings import Kafka, Topics
+from dp.topics import all_topics, check_topics, create_topics
 from dp.wire import Command, Create, Get, Reply, Resolve, Value, decode_reply, encode
 
 READY_SECONDS = 120.0
@@ -93,10 +93,7 @@ class Replies:
         self.sent_at: dict[str, float] = {}
         self.histogram = HdrHistogram(1, 120_000_000, 3)
         self.changed = asyncio.Event()
-        self._consumer = AIOKafkaConsumer(
-            **kafka.client_options(), isolation_level="read_committed", enable_auto_commit=False,
-            fetch_max_wait_ms=20,
-        )  # fmt: skip
+        self._consumer = clients.reader(kafka, fetch_max_wait_ms=20)
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Replies:
@@ -165,12 +162,10 @@ def commands_for(run: str, promises: range, timeout: int) -> tuple[list[Command]
 
 @contextlib.asynccontextmanager
 async def producer(kafka: Kafka) -> AsyncIterator[AIOKafkaProducer]:
-    client = AIOKafkaProducer(**kafka.client_options(), linger_ms=5, max_batch_size=256 * 1024)
-    await client.start()
-    try:
+    # A load generator: batched and not idempotent, as the benchmark has always measured.
+    client = clients.producer(kafka, enable_idempotence=False, linger_ms=5, max_batch_size=256 * 1024)
+    async with clients.started(kafka, client):
         yield client
-    finally:
-        await client.stop()
 
 
 async def send_all(client: AIOKafkaProducer, topic: str, commands: list[Command]) -> None:
@@ -271,12 +266,8 @@ class Spawned:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def prefix_of(topics: Topics) -> str:
-    return topics.commands.rsplit(".", 1)[0]
-
-
 async def delete_topics(kafka: Kafka, topics: Topics) -> None:
-    async with admin_client(kafka) as admin:
+    async with clients.started(kafka, clients.admin(kafka)) as admin:
         await admin.delete_topics(list(all_topics(topics)))
 
 
@@ -299,11 +290,11 @@ class Measured:
 
 async def measure_processor(options: BenchOptions, run: str) -> Measured:
     spawned = Spawned()
-    topics = Topics.with_prefix(f"dpbench-{run}") if options.spawn else options.topics
+    topics = Topics(f"dpbench-{run}") if options.spawn else options.topics
 
     def serve(name: str) -> None:
         spawned.start("-m", "dp.cli", "serve", "--bootstrap-servers", options.kafka.bootstrap_servers,
-                      "--topic-prefix", prefix_of(topics), "--group", f"dpbench-{run}",
+                      "--topic-prefix", topics.prefix, "--group", f"dpbench-{run}",
                       "--data-dir", str(spawned.scratch / f"data-{name}"), "--log-level", "INFO")  # fmt: skip
 
     try:
@@ -335,11 +326,11 @@ async def measure_processor(options: BenchOptions, run: str) -> Measured:
 
 async def measure_baseline(options: BenchOptions, run: str, partitions: int) -> float:
     spawned = Spawned()
-    topics = Topics.with_prefix(f"dpbench-{run}-base")
+    topics = Topics(f"dpbench-{run}-base")
     try:
         await create_topics(options.kafka, topics, partitions)
         spawned.start("-m", "consumers.baseline", "--bootstrap-servers", options.kafka.bootstrap_servers,
-                      "--topic-prefix", prefix_of(topics), "--group", f"dpbench-{run}-base")  # fmt: skip
+                      "--topic-prefix", topics.prefix, "--group", f"dpbench-{run}-base")  # fmt: skip
         async with Replies(options.kafka, topics.replies, decode=False) as replies:
             await wait_until_serving(options, topics, replies, partitions)
             commands, seconds = await flat_out(options, topics, replies, f"{run}-base", options.promises)
@@ -424,62 +415,3 @@ def summary(report: Report) -> str:
 
 def render(report: Report, as_json: bool) -> str:
     return json.dumps(asdict(report)) if as_json else summary(report)
-
-
-# --- the command ---------------------------------------------------------------------------------
-
-
-async def bench_command(args: argparse.Namespace) -> int:
-    from dp.cli import EXIT_OK, kafka_from, topics_from
-
-    quick = args.quick
-    options = BenchOptions(
-        kafka=kafka_from(args),
-        topics=topics_from(args),
-        promises=2_000 if quick else args.promises,
-        producers=args.producers,
-        rate=args.rate,
-        latency_seconds=3.0 if quick else args.latency_seconds,
-        spawn=args.spawn,
-        partitions=args.partitions,
-        progress=not args.json,
-        preload=args.preload,
-        restore=args.restore,
-    )
-    print(render(await run_bench(options), args.json))
-    return EXIT_OK
-
-
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dp.cli import add_kafka_options
-
-    parser = commands.add_parser(
-        "bench",
-        help="measure throughput and latency beside a raw Kafka baseline",
-        description="Measure the pipeline: throughput (N promises created then resolved, flat out), latency "
-        "(open loop at --rate), and the same throughput through a raw Kafka pipe of the processor's shape "
-        "(the baseline, started by the benchmark on fresh topics). Targets the running processors, or with "
-        "--spawn K starts K processors on fresh topics and removes them afterwards.",
-    )
-    parser.add_argument("--promises", type=int, default=50_000, help="N: 2N commands (default %(default)s)")
-    parser.add_argument("--producers", type=int, default=4, help="concurrent producer tasks (default %(default)s)")
-    parser.add_argument("--rate", type=int, default=1_000, help="offered commands/s for latency (default %(default)s)")
-    parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency phase")
-    parser.add_argument("--spawn", type=int, default=0, metavar="K", help="start K processors on fresh topics")
-    parser.add_argument("--partitions", type=int, default=8, help="partitions of the fresh topics with --spawn")
-    parser.add_argument(
-        "--preload",
-        type=int,
-        default=0,
-        metavar="M",
-        help="create M promises first (untimed), to measure a full store against an empty one",
-    )
-    parser.add_argument(
-        "--restore",
-        action="store_true",
-        help="with --spawn: then stop the processors and time a new one restoring into an empty dir",
-    )
-    parser.add_argument("--quick", action="store_true", help="a short run (2,000 promises, 3 s of latency)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    add_kafka_options(parser)
-    parser.set_defaults(handler=bench_command)

@@ -19,8 +19,8 @@ import random
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import AsyncGeneratorType
@@ -28,11 +28,12 @@ from typing import Any, Final, TypedDict, Unpack, cast
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from dp.config import Kafka, Topics
-from dp.errors import BrokerUnreachable, ClientClosed, Refused, ReplyTimeout, SendFailed, WaitTimeout
+from dp import kafka as clients
+from dp.errors import ClientClosed, Refused, ReplyTimeout, SendFailed, WaitTimeout
 from dp.partitioning import partition_for
+from dp.settings import Kafka, Topics
 from dp.topics import check_topics
 from dp.wire import (
     Cancel,
@@ -120,7 +121,9 @@ class Promises:
         """`reply_partition` picks this client's partition of the replies topic (default: a random one)."""
         if bootstrap_servers is not None and kafka is not None:
             raise ValueError("pass bootstrap_servers or kafka, not both")
-        self.kafka = kafka or (Kafka(bootstrap_servers=bootstrap_servers) if bootstrap_servers else Kafka())
+        self.kafka = kafka or (
+            Kafka.from_env(bootstrap_servers=bootstrap_servers) if bootstrap_servers else Kafka.from_env()
+        )
         self.topics = topics or Topics.from_env()
         self.reply_timeout = reply_timeout
         self.partitions = 0
@@ -356,38 +359,11 @@ class Promises:
 
     # --- Kafka plumbing -----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _new_producer(self) -> AsyncIterator[AIOKafkaProducer]:
-        producer = AIOKafkaProducer(**self.kafka.client_options(), enable_idempotence=True, linger_ms=0)
-        async with _connected(self.kafka, producer):
-            yield producer
+    def _new_producer(self) -> AbstractAsyncContextManager[AIOKafkaProducer]:
+        return clients.started(self.kafka, clients.producer(self.kafka))
 
-    @asynccontextmanager
-    async def _new_consumer(self, group: str | None = None, **options: Any) -> AsyncIterator[AIOKafkaConsumer]:
-        """A consumer that sees only committed transactions and commits nothing by itself."""
-        consumer = AIOKafkaConsumer(
-            **self.kafka.client_options(),
-            group_id=group,
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            fetch_max_wait_ms=100,
-            **options,
-        )
-        async with _connected(self.kafka, consumer):
-            yield consumer
-
-
-@asynccontextmanager
-async def _connected(kafka: Kafka, client: AIOKafkaProducer | AIOKafkaConsumer) -> AsyncIterator[None]:
-    try:
-        await client.start()
-    except KafkaConnectionError as error:
-        await client.stop()
-        raise BrokerUnreachable(kafka.bootstrap_servers, str(error)) from None
-    try:
-        yield
-    finally:
-        await client.stop()
+    def _new_consumer(self, group: str | None = None, **tuning: Any) -> AbstractAsyncContextManager[AIOKafkaConsumer]:
+        return clients.started(self.kafka, clients.reader(self.kafka, group, **tuning))
 
 
 async def _assign(consumer: AIOKafkaConsumer, tps: list[TopicPartition], from_beginning: bool) -> None:

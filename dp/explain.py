@@ -10,7 +10,6 @@ this walk does not recognise still gets a sentence of ours, never a library's.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from typing import Any, Final
 
@@ -145,7 +144,7 @@ def _constraint(value: Any, expected: inspect.Type) -> str | None:
     if isinstance(expected, inspect.BytesType):
         try:
             base64.b64decode(value, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a character outside ASCII
             return "not valid base64"
     return None
 

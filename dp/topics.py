@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.admin import NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from dp.config import DEFAULT_PARTITIONS, Kafka, Topics
-from dp.errors import BrokerUnreachable, TopicsProblem
+from dp import kafka as clients
+from dp.errors import TopicsProblem
+from dp.kafka import MAX_MESSAGE_BYTES
+from dp.settings import Kafka, Topics
 
+DEFAULT_PARTITIONS = 8
 UNKNOWN_TOPIC = 3
 READY_SECONDS = 30.0
-# Room for the largest promise the limits allow (param and value each up to 512 KiB decoded, base64 on
-# the wire, in one record): Kafka's 1 MB default would make such a record fail its transaction forever.
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 TOPIC_CONFIG = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
 CHANGELOG_CONFIG = {**TOPIC_CONFIG, "cleanup.policy": "compact"}
 
@@ -29,20 +28,6 @@ def partitioned(topics: Topics) -> tuple[str, str, str]:
 
 def all_topics(topics: Topics) -> tuple[str, ...]:
     return (*partitioned(topics), topics.replies, topics.dlq)
-
-
-@asynccontextmanager
-async def admin_client(kafka: Kafka) -> Any:
-    admin = AIOKafkaAdminClient(**kafka.client_options(), request_timeout_ms=10_000)
-    try:
-        await admin.start()
-    except KafkaConnectionError as error:
-        await admin.close()
-        raise BrokerUnreachable(kafka.bootstrap_servers, str(error)) from None
-    try:
-        yield admin
-    finally:
-        await admin.close()
 
 
 async def partition_counts(admin: Any, names: tuple[str, ...]) -> dict[str, int]:
@@ -70,7 +55,7 @@ async def create_topics(
     kafka: Kafka, topics: Topics, partitions: int | None = None, replication_factor: int = 1
 ) -> list[str]:
     """Create whatever is missing; idempotent. Returns the names created."""
-    async with admin_client(kafka) as admin:
+    async with clients.started(kafka, clients.admin(kafka)) as admin:
         counts = await partition_counts(admin, all_topics(topics))
         problem = mismatch(counts, topics)
         if problem:
@@ -125,7 +110,7 @@ async def wait_until_ready(admin: Any, names: tuple[str, ...]) -> None:
 
 async def check_topics(kafka: Kafka, topics: Topics) -> int:
     """The deployment's partition count, or TopicsProblem saying how to fix the topics."""
-    async with admin_client(kafka) as admin:
+    async with clients.started(kafka, clients.admin(kafka)) as admin:
         counts = await partition_counts(admin, all_topics(topics))
     absent = [name for name in all_topics(topics) if name not in counts]
     if absent:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from dp.config import Kafka, Topics
+from dp.settings import Kafka, Topics
 from dp.topics import create_topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def kafka(bootstrap_servers: str) -> Kafka:
 @pytest.fixture
 async def topics(kafka: Kafka) -> AsyncIterator[Topics]:
     """A fresh set of the five topics for one test, so tests never see each other's records."""
-    names = Topics.with_prefix(f"t{uuid.uuid4().hex[:10]}")
+    names = Topics(f"t{uuid.uuid4().hex[:10]}")
     await create_topics(kafka, names, TEST_PARTITIONS)
     yield names
 
@@ -97,7 +97,7 @@ class ServeProcess:
         self.command = [
             sys.executable, "-m", "dp.cli", "serve",
             "--bootstrap-servers", bootstrap_servers,
-            "--topic-prefix", topics.commands.rsplit(".", 1)[0],
+            "--topic-prefix", topics.prefix,
             "--group", group,
             "--data-dir", str(data_dir),
         ]  # fmt: skip

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dp.cli import main
-from dp.config import Topics
+from dp.cli.main import main
+from dp.settings import Topics
 from dp.wire import Reply, decode_event, decode_promise, decode_reply
 from tests.conftest import REPO, ServeProcess, free_port
 
@@ -25,7 +25,7 @@ class Dp:
     """Runs `dp` in this process against the test's broker and topics, capturing its output."""
 
     def __init__(self, bootstrap_servers: str, topics: Topics, capsys: pytest.CaptureFixture[str]) -> None:
-        self.options = ["--bootstrap-servers", bootstrap_servers, "--topic-prefix", topics.commands.rsplit(".", 1)[0]]
+        self.options = ["--bootstrap-servers", bootstrap_servers, "--topic-prefix", topics.prefix]
         self.capsys = capsys
 
     def __call__(self, *args: str) -> tuple[int, str, str]:

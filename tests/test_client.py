@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from dp.client import Promises, Result, deadline_ms
-from dp.config import Kafka, Topics
 from dp.errors import BrokerUnreachable, ClientClosed, Refused, ReplyTimeout, TopicsProblem, WaitTimeout
+from dp.settings import Kafka, Topics
 from dp.wire import Event, Promise
 from tests.conftest import ServeProcess, free_port
 
@@ -186,4 +186,4 @@ async def test_no_processor_means_a_reply_timeout_that_says_a_retry_is_safe(kafk
     with pytest.raises(BrokerUnreachable, match="no Kafka broker answered"):
         await Promises(f"127.0.0.1:{free_port()}").start()
     with pytest.raises(TopicsProblem, match="dp topics create"):
-        await Promises(kafka=kafka, topics=Topics.with_prefix(unique("none"))).start()
+        await Promises(kafka=kafka, topics=Topics(unique("none"))).start()

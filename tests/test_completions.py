@@ -8,9 +8,9 @@ import sys
 import uuid
 from collections.abc import Callable
 
+from dp import kafka as clients
 from dp.client import Promises
-from dp.config import Kafka, Topics
-from dp.topics import admin_client
+from dp.settings import Kafka, Topics
 from dp.wire import decode_event
 from tests.conftest import REPO, ServeProcess
 
@@ -18,7 +18,7 @@ from tests.conftest import REPO, ServeProcess
 async def start(bootstrap_servers: str, topics: Topics, group: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "consumers.completions", "--group", group, "--from-beginning",
-        "--bootstrap-servers", bootstrap_servers, "--topic-prefix", topics.commands.rsplit(".", 1)[0],
+        "--bootstrap-servers", bootstrap_servers, "--topic-prefix", topics.prefix,
         stdout=asyncio.subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
 
@@ -32,7 +32,7 @@ async def completions(process: asyncio.subprocess.Process, count: int) -> list[t
 
 async def committed(kafka: Kafka, group: str, count: int) -> None:
     """Return once the group has committed `count` events in all (the ones it skipped count too)."""
-    async with asyncio.timeout(30), admin_client(kafka) as admin:
+    async with asyncio.timeout(30), clients.started(kafka, clients.admin(kafka)) as admin:
         while True:
             offsets = await admin.list_consumer_group_offsets(group)
             if sum(o.offset for o in offsets.values()) >= count:

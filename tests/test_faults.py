@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from dp.config import Kafka, Topics
+from dp.settings import Kafka, Topics
 from dp.wire import decode_reply
 from tests.conftest import TEST_PARTITIONS, ServeProcess
 from tests.replay import essence, events_per_promise, latest_changelog, replay

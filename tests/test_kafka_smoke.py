@@ -7,7 +7,7 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from dp.config import Kafka, Topics
+from dp.settings import Kafka, Topics
 
 
 async def drain(consumer: AIOKafkaConsumer, expected: int, seconds: float = 15.0) -> list[bytes]:

@@ -20,8 +20,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumers.store import PartitionStore
-from dp.config import Kafka, Topics
 from dp.partitioning import partition_for
+from dp.settings import Kafka, Topics
 from dp.wire import DEFAULT_LIMITS, decode_event, decode_reply
 from tests.conftest import REPO, TEST_PARTITIONS, ServeProcess, free_port
 from tests.wire_client import WireClient, read_topic

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from dp.config import Topics
+from dp.settings import Topics
 from dp.wire import decode_reply
 from tests.conftest import REPO, ServeProcess
 
@@ -43,7 +43,7 @@ def test_the_readme_quickstart_works_as_written(
     env = {
         **os.environ,
         "DP_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DP_TOPIC_PREFIX": topics.commands.rsplit(".", 1)[0],
+        "DP_TOPIC_PREFIX": topics.prefix,
     }
 
     def run(words: list[str]) -> subprocess.CompletedProcess[str]:

@@ -7,14 +7,15 @@ import uuid
 import pytest
 from aiokafka.admin import NewTopic
 
-from dp.config import Kafka, Topics
+from dp import kafka as clients
 from dp.errors import TopicsProblem
-from dp.topics import admin_client, check_topics, create_topics, partition_counts, wait_until_ready
+from dp.settings import Kafka, Topics
+from dp.topics import check_topics, create_topics, partition_counts, wait_until_ready
 from tests.conftest import TEST_PARTITIONS
 
 
 def fresh_topics() -> Topics:
-    return Topics.with_prefix(f"t{uuid.uuid4().hex[:10]}")
+    return Topics(f"t{uuid.uuid4().hex[:10]}")
 
 
 async def test_create_makes_five_topics_then_does_nothing(kafka: Kafka) -> None:
@@ -22,7 +23,7 @@ async def test_create_makes_five_topics_then_does_nothing(kafka: Kafka) -> None:
     assert len(await create_topics(kafka, names, 3)) == 5
     assert await create_topics(kafka, names) == []
     assert await check_topics(kafka, names) == 3
-    async with admin_client(kafka) as admin:
+    async with clients.started(kafka, clients.admin(kafka)) as admin:
         configs = await admin.describe_configs([_topic_config(names.changelog)])
     entries = {entry[0]: entry[1] for entry in configs[0].resources[0][4]}
     assert entries["cleanup.policy"] == "compact"
@@ -35,7 +36,7 @@ async def test_existing_topics_with_another_count_are_refused(kafka: Kafka, topi
 
 async def test_disagreeing_partition_counts_are_refused_with_a_fix(kafka: Kafka) -> None:
     names = fresh_topics()
-    async with admin_client(kafka) as admin:
+    async with clients.started(kafka, clients.admin(kafka)) as admin:
         await admin.create_topics([NewTopic(names.commands, 2, 1), NewTopic(names.events, 3, 1)])
         await wait_until_ready(admin, (names.commands, names.events))
         assert await partition_counts(admin, (names.commands, names.events)) == {
@@ -52,7 +53,7 @@ async def test_check_names_missing_topics_and_the_command_that_creates_them(kafk
 
 
 def test_cli_exits_2_with_one_sentence_when_no_broker_answers(capsys: pytest.CaptureFixture[str]) -> None:
-    from dp.cli import main
+    from dp.cli.main import main
     from tests.conftest import free_port
 
     assert main(["topics", "create", "--bootstrap-servers", f"127.0.0.1:{free_port()}"]) == 2

@@ -14,7 +14,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from dp.config import Kafka, Topics
+from dp.settings import Kafka, Topics
 from dp.wire import Reply, decode_reply
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dp.config import Topics
+from dp.settings import Topics
 from dp.wire import Limits
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -232,7 +232,7 @@ def serve_command(bootstrap: str, topics: Topics, group: str, data_dir: Path, li
     return [
         sys.executable, "-m", "dp.cli", "serve",
         "--bootstrap-servers", bootstrap,
-        "--topic-prefix", topics.commands.rsplit(".", 1)[0],
+        "--topic-prefix", topics.prefix,
         "--group", group,
         "--data-dir", str(data_dir),
         "--max-record-bytes", str(limits.max_record_bytes),

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from dp.config import Kafka, Topics
+from dp.kafka import options as kafka_options
+from dp.settings import Kafka, Topics
 from dp.wire import Limits
 from tests.chaos.accept import classify, home_partition, recoverable_request_id, salvaged_request_id
 from tests.chaos.workload import HOUR_MS, now_ms
@@ -230,7 +231,7 @@ class HostileSender:
     async def run(self, progress: Callable[[], float], stop: asyncio.Event) -> None:
         """Send in step with the phase's `progress` (0 to 1), all of them by 80 % of it."""
         producer = AIOKafkaProducer(
-            **self.kafka.client_options(), acks="all", linger_ms=5, request_timeout_ms=10_000,
+            **kafka_options(self.kafka), acks="all", linger_ms=5, request_timeout_ms=10_000,
             max_request_size=4 * 1024 * 1024,
         )  # fmt: skip
         await producer.start()

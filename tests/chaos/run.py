@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dp.config import Kafka, Topics
+from dp.settings import Kafka, Topics
 from dp.topics import create_topics
 from dp.wire import Limits
 from tests.chaos.cluster import Broker, Cluster, ClusterError, Processor, free_port, poll_until, serve_command
@@ -166,7 +166,7 @@ class Run:
         self.verdict = Verdict()
         self.ledger = Ledger()
         self.group = f"chaos-{options.seed}"
-        self.topics = Topics.with_prefix(f"chaos{options.seed}")
+        self.topics = Topics(f"chaos{options.seed}")
         self.partitions = options.partitions
         names = "abc"[: options.processors]
         port = free_port()
@@ -236,7 +236,7 @@ class Run:
         """The saved run's identity, ledger and final gets (see `save`); returns its slots and port."""
         meta = json.loads((self.work / "run.json").read_text())
         self.group, self.partitions, self.stopped_ms = meta["group"], meta["partitions"], meta["stopped_ms"]
-        self.topics = Topics.with_prefix(meta["prefix"])
+        self.topics = Topics(meta["prefix"])
         self.final_gets = set(meta["final_gets"])
         self.ledger.retries, self.ledger.gave_up = meta["retries"], meta["gave_up"]
         for fields in meta["attempts"]:
@@ -345,7 +345,7 @@ class Run:
     def save(self) -> None:
         """What `--reverify` needs to judge this run again from its work dir, without running it."""
         meta = {
-            "seed": self.options.seed, "group": self.group, "prefix": self.topics.commands.rsplit(".", 1)[0],
+            "seed": self.options.seed, "group": self.group, "prefix": self.topics.prefix,
             "port": self.cluster.broker.port, "partitions": self.partitions, "stopped_ms": self.stopped_ms,
             "processors": [p.name for p in self.cluster.processors], "final_gets": sorted(self.final_gets),
             "retries": self.ledger.retries, "gave_up": self.ledger.gave_up,

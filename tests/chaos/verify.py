@@ -30,8 +30,9 @@ from aiokafka.structs import ConsumerRecord
 
 from consumers.restore import restore
 from consumers.store import PartitionStore
-from dp.config import Kafka, Topics
+from dp.kafka import options as kafka_options
 from dp.machine import Outcome, expire, transition
+from dp.settings import Kafka, Topics
 from dp.wire import Command, Event, Limits, Promise, Reply, decode_event, decode_promise, decode_reply, op_name
 from tests.chaos.accept import classify, home_partition, recoverable_request_id, salvaged_request_id
 from tests.chaos.cluster import Cluster
@@ -102,7 +103,7 @@ async def read_logs(kafka: Kafka, topics: Topics) -> Logs:
 
 
 async def topic_sizes(kafka: Kafka) -> dict[str, int]:
-    consumer = AIOKafkaConsumer(**kafka.client_options())
+    consumer = AIOKafkaConsumer(**kafka_options(kafka))
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()

@@ -26,8 +26,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
-from dp.config import Kafka, Topics
+from dp.kafka import options as kafka_options
 from dp.machine import TIMER_TAG
+from dp.settings import Kafka, Topics
 from dp.wire import Reply, decode_reply
 
 HOUR_MS = 3_600_000
@@ -78,7 +79,7 @@ class Replies:
     def __init__(self, kafka: Kafka, topics: Topics) -> None:
         self.topic = topics.replies
         self.consumer = AIOKafkaConsumer(
-            **kafka.client_options(), isolation_level="read_committed", enable_auto_commit=False
+            **kafka_options(kafka), isolation_level="read_committed", enable_auto_commit=False
         )
         self.waiting: dict[str, asyncio.Future[Reply]] = {}
         self.received = 0
@@ -214,7 +215,7 @@ class Client:
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
-            **self.kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=2, request_timeout_ms=5_000
+            **kafka_options(self.kafka), acks="all", enable_idempotence=True, linger_ms=2, request_timeout_ms=5_000
         )
 
     async def start(self) -> None:

@@ -1,29 +1,32 @@
 """The client subcommands of `dp`: create, resolve, reject, cancel, get, wait and watch.
 
 Each opens a `Promises` client, does one thing and prints the outcome: human-readable by default, the
-wire objects of docs/wire.md with `--json` (one per line for `watch`). Exit codes follow `dp.cli`.
+wire objects of docs/wire.md with `--json` (one per line for `watch`). Exit codes: `dp.cli.options`.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final, get_args
 
-from dp.cli import EXIT_KO, EXIT_OK, add_kafka_options, kafka_from, topics_from
+from dp.cli.options import (
+    EXIT_CODES,
+    EXIT_KO,
+    EXIT_OK,
+    Subcommands,
+    add_connection_flags,
+    duration,
+    kafka_from,
+    topics_from,
+)
 from dp.client import DEFAULT_REPLY_TIMEOUT, Deadline, Promises, Result
 from dp.errors import Refused
 from dp.wire import Cancel, Event, EventType, Promise, Reject, Resolve, Value, encode
 
-Subcommands = argparse._SubParsersAction
-
-EXIT_CODES: Final = "exit status: 0 ok, 1 refused (a KO status, explained on stderr), 2 usage or connection error"
-_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION: Final = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h|d)?")
 _COMPLETIONS: Final = (
     (Resolve, "resolve", "RESOLVED", "the promised work succeeded"),
     (Reject, "reject", "REJECTED", "the promised work failed"),
@@ -129,7 +132,7 @@ def _subcommand(
             metavar="DURATION",
             help="how long to wait for the processor's reply (default %(default)gs)",
         )
-    add_kafka_options(parser)
+    add_connection_flags(parser)
     return parser
 
 
@@ -152,14 +155,6 @@ def _key_options(parser: argparse.ArgumentParser, op: str, strict: str) -> None:
 
 
 # --- argument types -------------------------------------------------------------------------------
-
-
-def duration(text: str) -> float:
-    """Seconds from `30s`, `5m`, `1h`, `2d`, `250ms` or a plain number of seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 30s, 5m, 1h or 2d")
-    return float(match[1]) * _UNITS[match[2] or "s"]
 
 
 def deadline(text: str) -> Deadline:

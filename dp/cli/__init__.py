@@ -1,0 +1,1 @@
+"""The `dp` command line: `dp.cli.main` and one module per subcommand."""

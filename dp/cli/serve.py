@@ -1,0 +1,33 @@
+"""`dp serve`: the launcher of a processor, the one place the library starts what `consumers/` runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags
+from dp.settings import Processor, add_flags, from_flags
+
+
+def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
+    serving = commands.add_parser(
+        "serve",
+        help="run a processor (one member of the consumer group)",
+        description="Apply commands from the commands topic, one single writer per partition, with state in "
+        "RocksDB under --data-dir and replies, events and changelog written exactly once. Run several with "
+        "the same --group to share the partitions. SIGTERM/SIGINT finish the batch in flight and exit 0.",
+    )
+    add_flags(serving, Processor, "processor")
+    add_connection_flags(serving)
+    serving.set_defaults(handler=run_serve)
+
+
+async def run_serve(args: argparse.Namespace) -> int:
+    from consumers.processor import serve
+
+    settings = from_flags(Processor, args)
+    logging.getLogger("dp").setLevel(settings.log_level)
+    # aiokafka logs each transient failure; the processor reports the ones that matter, once, in its words.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING if settings.log_level == "DEBUG" else logging.CRITICAL)
+    await serve(settings)
+    return EXIT_OK

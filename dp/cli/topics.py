@@ -1,0 +1,34 @@
+"""`dp topics create`: the deployment's five topics, created idempotently."""
+
+from __future__ import annotations
+
+import argparse
+
+from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags, kafka_from, topics_from
+from dp.topics import create_topics
+
+
+def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
+    topics = commands.add_parser("topics", help="manage the deployment's Kafka topics")
+    actions = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
+    create = actions.add_parser(
+        "create",
+        help="create the five topics (idempotent)",
+        description="Create dp.commands, dp.events, dp.changelog (compacted), dp.replies and dp.dlq. "
+        "Safe to run again; refuses when existing partition counts disagree.",
+    )
+    create.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="partitions of every topic (default: the existing count, else 8); fixed for life",
+    )
+    create.add_argument("--replication-factor", type=int, default=1, help="default %(default)s")
+    add_connection_flags(create)
+    create.set_defaults(handler=run_create)
+
+
+async def run_create(args: argparse.Namespace) -> int:
+    created = await create_topics(kafka_from(args), topics_from(args), args.partitions, args.replication_factor)
+    print(f"created {', '.join(created)}" if created else "all topics exist; nothing to do")
+    return EXIT_OK

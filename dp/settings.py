@@ -1,0 +1,213 @@
+"""Every setting of dp, declared once: name, environment variable, command line flag, help and default.
+
+A setting is a field of one of the frozen dataclasses below, declared with `setting(...)`. Its
+environment variable is `DP_` plus the upper-cased name and its flag the dashed name (`max_batch`:
+`DP_MAX_BATCH`, `--max-batch`). The CLI derives its flags from these declarations (`add_flags`,
+`from_flags`), libraries call `from_env()` or pass keyword arguments, and each default is written
+here and nowhere else. Defaults work on a developer machine with `scripts/kafka start`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Self, TypeVar
+
+from dp.errors import DpError
+from dp.wire import DEFAULT_LIMITS, Limits
+
+S = TypeVar("S", bound="Settings")
+ENV_PREFIX: Final = "DP_"
+TOPIC_NAMES: Final = ("commands", "events", "changelog", "replies", "dlq")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+_DESCRIBED: Final[dict[Any, str]] = {int: "a whole number"}
+
+
+class BadSetting(DpError):
+    """An environment variable (or flag) holds a value of the wrong kind."""
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    name: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare a setting: a dataclass field whose metadata the environment and the CLI read.
+
+    `name` overrides the stem of the flag and variable when the field's own name would be ambiguous
+    on a command line (`Topics.prefix` is `--topic-prefix`, `DP_TOPIC_PREFIX`); a `secret` never
+    shows in a repr, so never in a log line.
+    """
+    return field(default=default, repr=not secret, metadata={"help": help, "name": name, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one declared setting looks like from the outside."""
+
+    field: str
+    name: str
+    help: str
+    default: Any
+    parse: Callable[[str], Any]
+    choices: tuple[str, ...] | None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def read(self, environ: Mapping[str, str]) -> Any:
+        """This setting's value from `environ`, or its default when unset or empty."""
+        raw = environ.get(self.env)
+        if not raw:
+            return self.default
+        if self.choices is not None and raw not in self.choices:
+            raise BadSetting(f"{self.env}={raw!r} is not one of {', '.join(self.choices)}: fix or unset it.")
+        try:
+            return self.parse(raw)
+        except ValueError:
+            raise BadSetting(
+                f"{self.env}={raw!r} is not {_DESCRIBED.get(self.parse, 'valid')}: fix or unset it."
+            ) from None
+
+
+class Settings:
+    """Mixin of the settings dataclasses: build them from the environment or from parsed flags."""
+
+    @classmethod
+    def specs(cls) -> list[Spec]:
+        hints = typing.get_type_hints(cls)
+        return [
+            Spec(
+                item.name,
+                item.metadata["name"] or item.name,
+                item.metadata["help"],
+                item.default,
+                _parser(hints[item.name]),
+                item.metadata["choices"],
+            )
+            for item in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if "help" in item.metadata
+        ]
+
+    @classmethod
+    def parts(cls) -> dict[str, type[Settings]]:
+        """Fields that are settings objects of their own (a processor's `kafka` and `topics`)."""
+        hints = typing.get_type_hints(cls)
+        return {name: hint for name, hint in hints.items() if isinstance(hint, type) and issubclass(hint, Settings)}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **given: Any) -> Self:
+        """Every setting from `DP_*` variables (or its default), parts included; `given` fields win."""
+        environ = os.environ if environ is None else environ
+        values = {spec.field: spec.read(environ) for spec in cls.specs() if spec.field not in given}
+        parts = {name: part.from_env(environ) for name, part in cls.parts().items() if name not in given}
+        return cls(**values, **parts, **given)
+
+
+def _parser(hint: Any) -> Callable[[str], Any]:
+    """The type to parse a flag or variable with: the field's type, without `| None`."""
+    options = [option for option in typing.get_args(hint) if option is not type(None)] or [hint]
+    parse: Callable[[str], Any] = options[0]
+    return parse
+
+
+@dataclass(frozen=True)
+class Kafka(Settings):
+    """How to reach the brokers; `dp.kafka` passes it to every aiokafka client dp creates."""
+
+    bootstrap_servers: str = setting("127.0.0.1:9092", "Kafka bootstrap servers")
+    security_protocol: str = setting(
+        "PLAINTEXT", "how to connect", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    )
+    sasl_mechanism: str = setting("PLAIN", "SASL mechanism, e.g. PLAIN, SCRAM-SHA-256")
+    sasl_username: str | None = setting(None, "SASL user name")
+    sasl_password: str | None = setting(None, "SASL password", secret=True)
+    ssl_cafile: str | None = setting(None, "CA bundle to verify the brokers with SSL")
+
+
+@dataclass(frozen=True)
+class Topics(Settings):
+    """The five topics of a deployment (WIRE.md), named `<prefix>.commands` and so on."""
+
+    prefix: str = setting("dp", "prefix of the five topics", name="topic_prefix")
+
+    @property
+    def commands(self) -> str:
+        return f"{self.prefix}.commands"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def changelog(self) -> str:
+        return f"{self.prefix}.changelog"
+
+    @property
+    def replies(self) -> str:
+        return f"{self.prefix}.replies"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq"
+
+
+@dataclass(frozen=True)
+class Processor(Settings):
+    """One `dp serve` process: where it keeps state, how it batches, what it accepts."""
+
+    kafka: Kafka = field(default_factory=Kafka)
+    topics: Topics = field(default_factory=Topics)
+    group: str = setting("dp", "application id: consumer group and transactional-id prefix")
+    data_dir: Path = setting(Path("data"), "RocksDB root")
+    max_batch: int = setting(2_000, "most commands fetched per poll")
+    max_record_bytes: int = setting(DEFAULT_LIMITS.max_record_bytes, "largest command accepted, in bytes")
+    max_data_bytes: int = setting(DEFAULT_LIMITS.max_data_bytes, "largest decoded param or value data, in bytes")
+    log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_record_bytes=self.max_record_bytes, max_data_bytes=self.max_data_bytes)
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[Settings], title: str) -> None:
+    """One flag per setting of `cls` (its parts not included), defaulting to its environment variable,
+    then to its declared default."""
+    group = parser.add_argument_group(title)
+    for spec in cls.specs():
+        try:
+            default = spec.read(os.environ)
+        except BadSetting as error:
+            parser.error(str(error))
+        shown = "" if spec.default is None else f", default {spec.default}"
+        group.add_argument(
+            spec.flag,
+            dest=spec.name,
+            type=spec.parse,
+            default=default,
+            choices=spec.choices,
+            help=f"{spec.help} (env {spec.env}{shown})",
+        )
+
+
+def from_flags(cls: type[S], args: argparse.Namespace) -> S:
+    """The settings object whose flags `add_flags` declared, parts included."""
+    values = {spec.field: getattr(args, spec.name) for spec in cls.specs()}
+    parts = {name: from_flags(part, args) for name, part in cls.parts().items()}
+    return cls(**values, **parts)

@@ -1,0 +1,80 @@
+"""Settings are declared once: the environment, the flags and the defaults all come from one field."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from dp.kafka import options
+from dp.settings import BadSetting, Kafka, Processor, Topics, add_flags, from_flags
+
+
+def parser_for(*classes: type[Kafka | Topics | Processor]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    for cls in classes:
+        add_flags(parser, cls, cls.__name__)
+    return parser
+
+
+def test_every_setting_has_a_variable_and_a_flag_named_after_it() -> None:
+    names = {(spec.env, spec.flag) for cls in (Kafka, Topics, Processor) for spec in cls.specs()}
+    assert ("DP_BOOTSTRAP_SERVERS", "--bootstrap-servers") in names
+    assert ("DP_TOPIC_PREFIX", "--topic-prefix") in names
+    assert ("DP_MAX_BATCH", "--max-batch") in names
+    assert len({env for env, _ in names}) == len(names)
+
+
+def test_the_environment_overrides_defaults_and_parts_read_it_too() -> None:
+    environ = {"DP_MAX_BATCH": "17", "DP_BOOTSTRAP_SERVERS": "kafka:9093", "DP_TOPIC_PREFIX": "orders", "DP_GROUP": ""}
+    settings = Processor.from_env(environ)
+    assert settings.max_batch == 17
+    assert settings.group == "dp"  # empty means unset
+    assert settings.kafka.bootstrap_servers == "kafka:9093"
+    assert settings.topics.commands == "orders.commands" and settings.topics.dlq == "orders.dlq"
+    assert settings.data_dir == Path("data")
+
+
+def test_given_fields_win_over_the_environment() -> None:
+    kafka = Kafka.from_env({"DP_BOOTSTRAP_SERVERS": "a:1"}, bootstrap_servers="b:2")
+    assert kafka.bootstrap_servers == "b:2"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("DP_MAX_BATCH", "lots", "DP_MAX_BATCH='lots' is not a whole number: fix or unset it."),
+        ("DP_LOG_LEVEL", "LOUD", "DP_LOG_LEVEL='LOUD' is not one of DEBUG, INFO, WARNING, ERROR: fix or unset it."),
+    ],
+)
+def test_a_bad_variable_is_one_sentence_naming_it(variable: str, value: str, message: str) -> None:
+    with pytest.raises(BadSetting) as raised:
+        Processor.from_env({variable: value})
+    assert str(raised.value) == message
+
+
+def test_flags_default_to_the_environment_and_build_the_same_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DP_DATA_DIR", "/var/lib/dp")
+    parser = parser_for(Kafka, Topics, Processor)
+    args = parser.parse_args(["--max-batch", "5", "--topic-prefix", "x"])
+    settings = from_flags(Processor, args)
+    assert settings == Processor(topics=Topics("x"), data_dir=Path("/var/lib/dp"), max_batch=5)
+    assert settings.limits.max_record_bytes == Processor.max_record_bytes
+
+
+def test_a_flag_refuses_a_value_of_the_wrong_kind() -> None:
+    with pytest.raises(argparse.ArgumentError, match="invalid int value"):
+        parser_for(Processor).parse_args(["--max-batch", "many"])
+
+
+def test_a_password_never_shows_in_a_repr() -> None:
+    kafka = Kafka(security_protocol="SASL_SSL", sasl_username="me", sasl_password="hunter2")
+    assert "hunter2" not in repr(kafka) and "hunter2" not in repr(Processor(kafka=kafka))
+
+
+def test_client_options_carry_sasl_only_when_asked() -> None:
+    assert "sasl_plain_password" not in options(Kafka())
+    sasl = options(Kafka(security_protocol="SASL_PLAINTEXT", sasl_username="me", sasl_password="pw"))
+    assert sasl["sasl_plain_username"] == "me" and sasl["sasl_plain_password"] == "pw"
+    assert sasl["security_protocol"] == "SASL_PLAINTEXT" and "ssl_context" not in sasl
