@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from dp.cli import main
 from dp.config import Topics
 from dp.wire import Reply, decode_event, decode_promise, decode_reply
-from tests.conftest import REPO, ServeProcess, free_port
+from tests.support import REPO, ServeProcess, free_port, unique
 
 CLIENT_COMMANDS = ("create", "resolve", "reject", "cancel", "get", "wait", "watch")
 
@@ -46,10 +45,6 @@ class Dp:
 @pytest.fixture
 def dp(bootstrap_servers: str, topics: Topics, capsys: pytest.CaptureFixture[str]) -> Dp:
     return Dp(bootstrap_servers, topics, capsys)
-
-
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def one_sentence(err: str) -> bool:

@@ -10,7 +10,7 @@ from aiokafka.admin import NewTopic
 from dp.config import Kafka, Topics
 from dp.errors import TopicsProblem
 from dp.topics import admin_client, check_topics, create_topics, partition_counts, wait_until_ready
-from tests.conftest import TEST_PARTITIONS
+from tests.support import TEST_PARTITIONS
 
 
 def fresh_topics() -> Topics:
@@ -53,7 +53,7 @@ async def test_check_names_missing_topics_and_the_command_that_creates_them(kafk
 
 def test_cli_exits_2_with_one_sentence_when_no_broker_answers(capsys: pytest.CaptureFixture[str]) -> None:
     from dp.cli import main
-    from tests.conftest import free_port
+    from tests.support import free_port
 
     assert main(["topics", "create", "--bootstrap-servers", f"127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err
