@@ -47,7 +47,10 @@ def docker_answers() -> bool:
 
 
 def container_broker() -> Iterator[str]:
-    from testcontainers.kafka import KafkaContainer
+    try:
+        from testcontainers.community.kafka import KafkaContainer
+    except ImportError:  # an older testcontainers; the locked one warns (DeprecationWarning) on the old path
+        from testcontainers.kafka import KafkaContainer
 
     with KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka:
         yield kafka.get_bootstrap_server()
