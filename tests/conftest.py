@@ -1,20 +1,16 @@
-"""Shared fixtures: one real Kafka broker per test session, and fresh topics per test.
+"""Fixtures and hooks: one real Kafka broker per test session, fresh topics per test, the `kafka` marker.
 
 The broker is, in order of preference: the one named by DP_BOOTSTRAP_SERVERS; a testcontainers
 Kafka container where a Docker engine answers; otherwise a throwaway broker started with
-`scripts/kafka` on a free port and a temporary data dir, always stopped at the end.
+`scripts/kafka` on a free port and a temporary data dir, always stopped at the end. It starts only
+when a test asks for it: tests/unit/ holds the pure tests, which must not; every other test is
+marked `kafka`. Shared helpers live in tests/support.py.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,25 +19,32 @@ import pytest
 
 from dp.settings import Kafka, Topics
 from dp.topics import create_topics
-
-REPO = Path(__file__).resolve().parent.parent
-KAFKA_SCRIPT = REPO / "scripts" / "kafka"
-TEST_PARTITIONS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.support import (
+    TEST_PARTITIONS,
+    UNIT_TESTS,
+    ServeProcess,
+    container_broker,
+    docker_answers,
+    script_broker,
+)
 
 
-def docker_answers() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test outside tests/unit/ is a broker test: `-m kafka` selects them, `-m "not kafka"` the rest."""
+    for item in items:
+        if not item.path.is_relative_to(UNIT_TESTS):
+            item.add_marker(pytest.mark.kafka)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A pure test that asks for the broker (directly or through another fixture) fails before it starts one."""
+    if item.path.is_relative_to(UNIT_TESTS) and "bootstrap_servers" in getattr(item, "fixturenames", ()):
+        pytest.fail(
+            f"{item.nodeid} asks for the Kafka broker, but tests/unit/ holds only pure tests: "
+            "move the test out of tests/unit/ or stop using the broker fixtures.",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -52,29 +55,6 @@ def bootstrap_servers() -> Iterator[str]:
         yield from container_broker()
     else:
         yield from script_broker()
-
-
-def container_broker() -> Iterator[str]:
-    from testcontainers.kafka import KafkaContainer
-
-    with KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka:
-        yield kafka.get_bootstrap_server()
-
-
-def script_broker() -> Iterator[str]:
-    data = Path(tempfile.mkdtemp(prefix="dp-test-kafka-"))
-    port = free_port()
-    command = [sys.executable, str(KAFKA_SCRIPT)]
-    try:
-        started = subprocess.run(
-            [*command, "start", "--port", str(port), "--data", str(data)], capture_output=True, text=True
-        )
-        if started.returncode != 0:
-            pytest.exit(f"could not start the test broker: {started.stderr.strip()}", returncode=2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([*command, "stop", "--data", str(data)], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -88,57 +68,6 @@ async def topics(kafka: Kafka) -> AsyncIterator[Topics]:
     names = Topics(f"t{uuid.uuid4().hex[:10]}")
     await create_topics(kafka, names, TEST_PARTITIONS)
     yield names
-
-
-class ServeProcess:
-    """One `dp serve` OS process, so that tests can kill -9, SIGSTOP and restart it like an operator."""
-
-    def __init__(self, bootstrap_servers: str, topics: Topics, group: str, data_dir: Path, log: Path) -> None:
-        self.command = [
-            sys.executable, "-m", "dp.cli", "serve",
-            "--bootstrap-servers", bootstrap_servers,
-            "--topic-prefix", topics.prefix,
-            "--group", group,
-            "--data-dir", str(data_dir),
-        ]  # fmt: skip
-        self.data_dir = data_dir
-        self.group = group
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ServeProcess:
-        assert self.process is None or self.process.poll() is not None, "already running"
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        return self
-
-    def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    def kill(self) -> None:
-        """kill -9: no chance to finish anything."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self, seconds: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(seconds)
-
-    def owned(self) -> set[int]:
-        """The partitions this process serves now, from its log ("partition N: open" / "closed")."""
-        owned: set[int] = set()
-        for number, change in re.findall(r"partition (\d+): (open|closed)", self.log.read_text()):
-            (owned.add if change == "open" else owned.discard)(int(number))
-        return owned
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
 
 @pytest.fixture

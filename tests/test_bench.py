@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 FIELDS = {
     "commands", "seconds", "throughput", "baseline_throughput", "ratio", "p50_ms", "p90_ms", "p99_ms",

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from dp.cli.main import main
 from dp.settings import Topics
 from dp.wire import Reply, decode_event, decode_promise, decode_reply
-from tests.conftest import REPO, ServeProcess, free_port
+from tests.support import REPO, ServeProcess, free_port, unique
 
 CLIENT_COMMANDS = ("create", "resolve", "reject", "cancel", "get", "wait", "watch")
 
@@ -46,10 +45,6 @@ class Dp:
 @pytest.fixture
 def dp(bootstrap_servers: str, topics: Topics, capsys: pytest.CaptureFixture[str]) -> Dp:
     return Dp(bootstrap_servers, topics, capsys)
-
-
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def one_sentence(err: str) -> bool:
@@ -109,21 +104,21 @@ def test_watch_streams_events_until_interrupted(
     for promise_id in (shown, hidden):
         dp("create", promise_id, "--timeout", "1h")
     dp("resolve", shown)
-    watch = subprocess.Popen(
+    with subprocess.Popen(  # leaving the block closes both pipes (else a ResourceWarning fails the test)
         [sys.executable, "-m", "dp.cli", "watch", "--json", "--from-beginning", "--prefix", "shown/", *dp.options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         bufsize=0,  # unbuffered: `read_lines` selects on the pipe, so nothing may sit in a buffer
         cwd=REPO,
-    )
-    try:
-        events = [decode_event(line) for line in read_lines(watch, 2, seconds=30)]
-        assert [(e.type, e.promise.id) for e in events] == [("created", shown), ("resolved", shown)]
-        watch.send_signal(signal.SIGINT)
-        assert watch.wait(10) == 130
-        assert watch.stderr is not None and watch.stderr.read() == b""
-    finally:
-        watch.kill()
+    ) as watch:
+        try:
+            events = [decode_event(line) for line in read_lines(watch, 2, seconds=30)]
+            assert [(e.type, e.promise.id) for e in events] == [("created", shown), ("resolved", shown)]
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(10) == 130
+            assert watch.stderr is not None and watch.stderr.read() == b""
+        finally:
+            watch.kill()
 
 
 def read_lines(process: subprocess.Popen[bytes], count: int, seconds: float) -> list[bytes]:

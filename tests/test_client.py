@@ -14,13 +14,9 @@ from dp.client import Promises, Result, deadline_ms
 from dp.errors import BrokerUnreachable, ClientClosed, Refused, ReplyTimeout, TopicsProblem, WaitTimeout
 from dp.settings import Kafka, Topics
 from dp.wire import Event, Promise
-from tests.conftest import ServeProcess, free_port
+from tests.support import ServeProcess, free_port, unique
 
 HOUR = timedelta(hours=1)
-
-
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

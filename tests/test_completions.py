@@ -12,7 +12,7 @@ from dp import kafka as clients
 from dp.client import Promises
 from dp.settings import Kafka, Topics
 from dp.wire import decode_event
-from tests.conftest import REPO, ServeProcess
+from tests.support import REPO, ServeProcess
 
 
 async def start(bootstrap_servers: str, topics: Topics, group: str) -> asyncio.subprocess.Process:

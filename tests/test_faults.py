@@ -12,9 +12,8 @@ import pytest
 
 from dp.settings import Kafka, Topics
 from dp.wire import decode_reply
-from tests.conftest import TEST_PARTITIONS, ServeProcess
 from tests.replay import essence, events_per_promise, latest_changelog, replay
-from tests.test_processor import complete, create, unique
+from tests.support import TEST_PARTITIONS, ServeProcess, complete, create, unique
 from tests.wire_client import WireClient, read_topic
 
 pytestmark = pytest.mark.slow

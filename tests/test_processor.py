@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -23,28 +22,8 @@ from consumers.store import PartitionStore
 from dp.partitioning import partition_for
 from dp.settings import Kafka, Topics
 from dp.wire import DEFAULT_LIMITS, decode_event, decode_reply
-from tests.conftest import REPO, TEST_PARTITIONS, ServeProcess, free_port
+from tests.support import REPO, TEST_PARTITIONS, ServeProcess, complete, create, free_port, now_ms, unique
 from tests.wire_client import WireClient, read_topic
-
-LONG = 3_600_000
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def create(promise_id: str, key: str | None = "ik", timeout: int | None = None, **extra: Any) -> dict[str, Any]:
-    return {"op": "create", "id": promise_id, "idempotencyKey": key,
-            "timeout": timeout if timeout is not None else now_ms() + LONG, **extra}  # fmt: skip
-
-
-def complete(op: str, promise_id: str, key: str | None = "iku", strict: bool = False) -> dict[str, Any]:
-    value = {"headers": {"k": "v"}, "data": base64.b64encode(b'"done"').decode()}
-    return {"op": op, "id": promise_id, "idempotencyKey": key, "strict": strict, "value": value}
-
-
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 async def events_by_promise(kafka: Kafka, topics: Topics) -> dict[str, list[str]]:

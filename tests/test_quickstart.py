@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from dp.settings import Topics
 from dp.wire import decode_reply
-from tests.conftest import REPO, ServeProcess
+from tests.support import REPO, ServeProcess
 
 DP = [sys.executable, "-m", "dp.cli"]
 

@@ -11,7 +11,7 @@ from dp import kafka as clients
 from dp.errors import TopicsProblem
 from dp.settings import Kafka, Topics
 from dp.topics import check_topics, create_topics, partition_counts, wait_until_ready
-from tests.conftest import TEST_PARTITIONS
+from tests.support import TEST_PARTITIONS
 
 
 def fresh_topics() -> Topics:
@@ -54,7 +54,7 @@ async def test_check_names_missing_topics_and_the_command_that_creates_them(kafk
 
 def test_cli_exits_2_with_one_sentence_when_no_broker_answers(capsys: pytest.CaptureFixture[str]) -> None:
     from dp.cli.main import main
-    from tests.conftest import free_port
+    from tests.support import free_port
 
     assert main(["topics", "create", "--bootstrap-servers", f"127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err
