@@ -20,7 +20,7 @@ from aiokafka.structs import ConsumerRecord
 from consumers.effects import Outgoing
 from consumers.writer import batched
 from dp.kafka import command_consumer, transactional_producer
-from dp.settings import Kafka, Processor, Topics, add_flags, from_flags
+from dp.settings import Kafka, ProcessorSettings, Topics, add_flags, from_flags
 
 
 class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -81,7 +81,7 @@ async def main() -> None:
     add_flags(parser, Kafka, "Kafka connection")
     add_flags(parser, Topics, "topics")
     parser.add_argument("--group", default="dp-baseline")
-    parser.add_argument("--max-batch", type=int, default=Processor.max_batch)
+    parser.add_argument("--max-batch", type=int, default=ProcessorSettings.max_batch)
     args = parser.parse_args()
     pipe = Pipe(from_flags(Kafka, args), from_flags(Topics, args), args.group, args.max_batch)
     loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ from consumers.reply_topics import ReplyTopics
 from consumers.writer import PartitionWriter
 from dp.errors import BrokerUnreachable
 from dp.kafka import command_consumer
-from dp.settings import Processor as ProcessorSettings
+from dp.settings import ProcessorSettings
 from dp.topics import check_topics
 
 log = logging.getLogger("dp.processor")

@@ -166,7 +166,7 @@ class Topics(Settings):
 
 
 @dataclass(frozen=True)
-class Processor(Settings):
+class ProcessorSettings(Settings):
     """One `dp serve` process: where it keeps state, how it batches, what it accepts."""
 
     kafka: Kafka = field(default_factory=Kafka)

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags
-from dp.settings import Processor, add_flags, from_flags
+from dp.settings import ProcessorSettings, add_flags, from_flags
 
 
 def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
@@ -17,7 +17,7 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
         "RocksDB under --data-dir and replies, events and changelog written exactly once. Run several with "
         "the same --group to share the partitions. SIGTERM/SIGINT finish the batch in flight and exit 0.",
     )
-    add_flags(serving, Processor, "processor")
+    add_flags(serving, ProcessorSettings, "processor")
     add_connection_flags(serving)
     serving.set_defaults(handler=run_serve)
 
@@ -25,7 +25,7 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
 async def run_serve(args: argparse.Namespace) -> int:
     from consumers.processor import serve
 
-    settings = from_flags(Processor, args)
+    settings = from_flags(ProcessorSettings, args)
     logging.getLogger("dp").setLevel(settings.log_level)
     # aiokafka logs each transient failure; the processor reports the ones that matter, once, in its words.
     logging.getLogger("aiokafka").setLevel(logging.WARNING if settings.log_level == "DEBUG" else logging.CRITICAL)

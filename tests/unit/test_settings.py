@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from dp.kafka import options
-from dp.settings import BadSetting, Kafka, Processor, Topics, add_flags, from_flags
+from dp.settings import BadSetting, Kafka, ProcessorSettings, Topics, add_flags, from_flags
 
 
-def parser_for(*classes: type[Kafka | Topics | Processor]) -> argparse.ArgumentParser:
+def parser_for(*classes: type[Kafka | Topics | ProcessorSettings]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(exit_on_error=False)
     for cls in classes:
         add_flags(parser, cls, cls.__name__)
@@ -19,7 +19,7 @@ def parser_for(*classes: type[Kafka | Topics | Processor]) -> argparse.ArgumentP
 
 
 def test_every_setting_has_a_variable_and_a_flag_named_after_it() -> None:
-    names = {(spec.env, spec.flag) for cls in (Kafka, Topics, Processor) for spec in cls.specs()}
+    names = {(spec.env, spec.flag) for cls in (Kafka, Topics, ProcessorSettings) for spec in cls.specs()}
     assert ("DP_BOOTSTRAP_SERVERS", "--bootstrap-servers") in names
     assert ("DP_TOPIC_PREFIX", "--topic-prefix") in names
     assert ("DP_MAX_BATCH", "--max-batch") in names
@@ -28,7 +28,7 @@ def test_every_setting_has_a_variable_and_a_flag_named_after_it() -> None:
 
 def test_the_environment_overrides_defaults_and_parts_read_it_too() -> None:
     environ = {"DP_MAX_BATCH": "17", "DP_BOOTSTRAP_SERVERS": "kafka:9093", "DP_TOPIC_PREFIX": "orders", "DP_GROUP": ""}
-    settings = Processor.from_env(environ)
+    settings = ProcessorSettings.from_env(environ)
     assert settings.max_batch == 17
     assert settings.group == "dp"  # empty means unset
     assert settings.kafka.bootstrap_servers == "kafka:9093"
@@ -50,27 +50,27 @@ def test_given_fields_win_over_the_environment() -> None:
 )
 def test_a_bad_variable_is_one_sentence_naming_it(variable: str, value: str, message: str) -> None:
     with pytest.raises(BadSetting) as raised:
-        Processor.from_env({variable: value})
+        ProcessorSettings.from_env({variable: value})
     assert str(raised.value) == message
 
 
 def test_flags_default_to_the_environment_and_build_the_same_object(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DP_DATA_DIR", "/var/lib/dp")
-    parser = parser_for(Kafka, Topics, Processor)
+    parser = parser_for(Kafka, Topics, ProcessorSettings)
     args = parser.parse_args(["--max-batch", "5", "--topic-prefix", "x"])
-    settings = from_flags(Processor, args)
-    assert settings == Processor(topics=Topics("x"), data_dir=Path("/var/lib/dp"), max_batch=5)
-    assert settings.limits.max_record_bytes == Processor.max_record_bytes
+    settings = from_flags(ProcessorSettings, args)
+    assert settings == ProcessorSettings(topics=Topics("x"), data_dir=Path("/var/lib/dp"), max_batch=5)
+    assert settings.limits.max_record_bytes == ProcessorSettings.max_record_bytes
 
 
 def test_a_flag_refuses_a_value_of_the_wrong_kind() -> None:
     with pytest.raises(argparse.ArgumentError, match="invalid int value"):
-        parser_for(Processor).parse_args(["--max-batch", "many"])
+        parser_for(ProcessorSettings).parse_args(["--max-batch", "many"])
 
 
 def test_a_password_never_shows_in_a_repr() -> None:
     kafka = Kafka(security_protocol="SASL_SSL", sasl_username="me", sasl_password="hunter2")
-    assert "hunter2" not in repr(kafka) and "hunter2" not in repr(Processor(kafka=kafka))
+    assert "hunter2" not in repr(kafka) and "hunter2" not in repr(ProcessorSettings(kafka=kafka))
 
 
 def test_client_options_carry_sasl_only_when_asked() -> None:
