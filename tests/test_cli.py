@@ -110,6 +110,7 @@ def test_watch_streams_events_until_interrupted(
         stderr=subprocess.PIPE,
         bufsize=0,  # unbuffered: `read_lines` selects on the pipe, so nothing may sit in a buffer
         cwd=REPO,
+        preexec_fn=interruptible,
     ) as watch:
         try:
             events = [decode_event(line) for line in read_lines(watch, 2, seconds=30)]
@@ -119,6 +120,12 @@ def test_watch_streams_events_until_interrupted(
             assert watch.stderr is not None and watch.stderr.read() == b""
         finally:
             watch.kill()
+
+
+def interruptible() -> None:
+    """Give the child Ctrl-C's default even when this suite runs with SIGINT ignored, as every command a
+    script starts with `&` does: Python (so `dp watch`) leaves an inherited "ignore" alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def read_lines(process: subprocess.Popen[bytes], count: int, seconds: float) -> list[bytes]:
