@@ -23,7 +23,6 @@ from dp.wire import DEFAULT_LIMITS, Limits
 
 S = TypeVar("S", bound="Settings")
 ENV_PREFIX: Final = "DP_"
-TOPIC_NAMES: Final = ("commands", "events", "changelog", "replies", "dlq")
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 _DESCRIBED: Final[dict[Any, str]] = {int: "a whole number"}
 
