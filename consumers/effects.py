@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
@@ -22,6 +22,12 @@ from dp.wire import Command, InvalidCommand, Limits, Promise, Reply, decode_comm
 
 Headers = list[tuple[str, bytes]]
 log = logging.getLogger("dp.processor")
+
+# Kafka's default max.message.bytes, for a topic whose limit is not known (yet).
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_588
+# What a record costs beyond its key, value and headers inside a one-record batch (batch header 61
+# bytes, record framing at most ~21), rounded up so that an estimate never undercounts.
+RECORD_OVERHEAD: Final = 128
 
 
 class Incoming(Protocol):
@@ -45,6 +51,21 @@ class Outgoing(msgspec.Struct, frozen=True, gc=False):
     headers: Headers | None = None
 
 
+class TopicInfo(NamedTuple):
+    """What the core must know of a topic before it writes there."""
+
+    partitions: int
+    max_message_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    compacted: bool = False
+    internal: bool = False
+
+
+def record_bytes(message: Outgoing) -> int:
+    """An upper bound of the bytes Kafka counts against `max.message.bytes` for this record alone."""
+    headers = sum(len(name) + len(value) + 8 for name, value in message.headers or ())
+    return len(message.key or b"") + len(message.value) + headers + RECORD_OVERHEAD
+
+
 @dataclass
 class Effects:
     """Everything a batch publishes (in order) and the records it changed (latest version per id)."""
@@ -62,6 +83,8 @@ class Route:
     partitions: int
     topics: Topics
     limits: Limits
+    reply_prefixes: tuple[str, ...] = ()
+    """When set, a `replyTo` must start with one of these (the deployment's replies topic always may)."""
 
 
 def apply_batch(
@@ -70,9 +93,14 @@ def apply_batch(
     records: list[Incoming],
     due: list[Promise],
     now: int,
-    reply_topics: Mapping[str, int],
+    reply_topics: Mapping[str, TopicInfo],
+    refusals: Mapping[int, str | None] | None = None,
 ) -> Effects:
-    """Apply due timeouts, then each command in log order; `reply_topics` maps topic -> partition count."""
+    """Apply due timeouts, then each command in log order; `reply_topics` describes the cluster's topics.
+
+    `refusals` (by offset) are records the shell learnt Kafka will not take the output of: each is
+    refused with the reason given on the deployment's replies topic, or with None passed over silently.
+    """
     effects = Effects()
 
     def current(promise_id: str) -> Promise | None:
@@ -84,10 +112,19 @@ def apply_batch(
         if outcome is not None:
             record_changes(route, effects, outcome)
     for record in records:
+        if refusals and record.offset in refusals:
+            reason = refusals[record.offset]
+            if reason is not None:
+                refuse(route, effects, record, reason, reply_topics, answer_on_default=True)
+            continue
         try:
             command = accept(route, record, reply_topics)
             outcome = transition(current(command.id), command, now)
             reply = reply_message(route, command, reply_for(command, outcome), reply_topics)
+            check_fits(reply, reply_topics)
+        except ReplyTooLarge as problem:
+            refuse(route, effects, record, str(problem), reply_topics, answer_on_default=True)
+            continue
         except InvalidCommand as problem:
             refuse(route, effects, record, str(problem), reply_topics)
             continue
@@ -104,7 +141,7 @@ def apply_batch(
     return effects
 
 
-def accept(route: Route, record: Incoming, reply_topics: Mapping[str, int]) -> Command:
+def accept(route: Route, record: Incoming, reply_topics: Mapping[str, TopicInfo]) -> Command:
     """Decode a command and check what decoding cannot: its key, partition and reply address."""
     if record.value is None:
         raise InvalidCommand("record has no value (a tombstone is not a command)")
@@ -121,15 +158,45 @@ def accept(route: Route, record: Incoming, reply_topics: Mapping[str, int]) -> C
     return command
 
 
+class ReplyTooLarge(InvalidCommand):
+    """The reply would not fit its topic: the command is refused on the deployment's replies topic."""
+
+
 def check_reply_address(
-    route: Route, reply_to: str | None, reply_partition: int | None, reply_topics: Mapping[str, int]
+    route: Route, reply_to: str | None, reply_partition: int | None, reply_topics: Mapping[str, TopicInfo]
 ) -> None:
+    """A reply may go only where it cannot hurt: never into the deployment's own topics (a reply in the
+    changelog would corrupt every restore, one in the commands topic would be applied), an internal or a
+    compacted topic, nor outside the configured reply prefixes."""
     topic = reply_to or route.topics.replies
-    count = reply_topics.get(topic, 0)
-    if count == 0:
+    if topic in (route.topics.commands, route.topics.events, route.topics.changelog, route.topics.dlq):
+        raise InvalidCommand(
+            f"`replyTo`: {topic!r} is one of this deployment's own topics; name a reply topic of yours, "
+            f"or leave `replyTo` out for {route.topics.replies!r}"
+        )
+    if topic.startswith("__"):
+        raise InvalidCommand(f"`replyTo`: {topic!r} is an internal Kafka topic")
+    if topic != route.topics.replies and route.reply_prefixes and not topic.startswith(route.reply_prefixes):
+        raise InvalidCommand(f"`replyTo`: must start with one of {', '.join(map(repr, route.reply_prefixes))}")
+    info = reply_topics.get(topic)
+    if info is None or info.partitions == 0:
         raise InvalidCommand(f"`replyTo`: topic {topic!r} does not exist")
-    if reply_partition is not None and reply_partition >= count:
-        raise InvalidCommand(f"`replyPartition`: {topic!r} has {count} partitions, got {reply_partition}")
+    if info.internal:
+        raise InvalidCommand(f"`replyTo`: {topic!r} is an internal Kafka topic")
+    if info.compacted:
+        raise InvalidCommand(f"`replyTo`: {topic!r} is compacted; replies need a topic with cleanup.policy=delete")
+    if reply_partition is not None and reply_partition >= info.partitions:
+        raise InvalidCommand(f"`replyPartition`: {topic!r} has {info.partitions} partitions, got {reply_partition}")
+
+
+def check_fits(message: Outgoing, topics: Mapping[str, TopicInfo]) -> None:
+    """A reply too large for its topic is refused before Kafka refuses it (and the whole batch with it)."""
+    size, limit = record_bytes(message), topics[message.topic].max_message_bytes
+    if size > limit:
+        raise ReplyTooLarge(
+            f"the reply ({size} bytes) is larger than {message.topic!r} accepts (max.message.bytes {limit}): "
+            "not applied; raise the topic's max.message.bytes or send smaller data"
+        )
 
 
 def record_changes(route: Route, effects: Effects, outcome: Outcome) -> None:
@@ -142,37 +209,62 @@ def record_changes(route: Route, effects: Effects, outcome: Outcome) -> None:
     )
 
 
-def reply_partition_of(route: Route, topic: str, partition: int | None, counts: Mapping[str, int]) -> int:
+def reply_partition_of(route: Route, topic: str, partition: int | None, topics: Mapping[str, TopicInfo]) -> int:
     """The asked-for partition, else this partition's number modulo the topic's count: replies are matched
     by requestId, not by partition, and hashing every requestId would cost more than the rest of a reply."""
-    return partition if partition is not None else route.partition % counts[topic]
+    return partition if partition is not None else route.partition % topics[topic].partitions
 
 
-def reply_message(route: Route, command: Command, reply: Reply, reply_topics: Mapping[str, int]) -> Outgoing:
+def reply_message(route: Route, command: Command, reply: Reply, reply_topics: Mapping[str, TopicInfo]) -> Outgoing:
     topic = command.reply_to or route.topics.replies
     key = (command.request_id or command.id).encode()
     return Outgoing(topic, reply_partition_of(route, topic, command.reply_partition, reply_topics), key, encode(reply))
 
 
-def refuse(route: Route, effects: Effects, record: Incoming, problem: str, reply_topics: Mapping[str, int]) -> None:
-    """An unusable record: answer `invalid` where an address is recoverable, copy it to the DLQ."""
+def refuse(
+    route: Route,
+    effects: Effects,
+    record: Incoming,
+    problem: str,
+    reply_topics: Mapping[str, TopicInfo],
+    *,
+    answer_on_default: bool = False,
+) -> None:
+    """An unusable record: answer `invalid` where an address is recoverable (else, or when told, on the
+    deployment's replies topic), and copy it to the DLQ, cut to what the DLQ accepts."""
     raw = record.value or b""
     request_id, reply_to, requested = reply_address(raw)
     try:
         check_reply_address(route, reply_to, requested, reply_topics)
     except InvalidCommand:
-        reply_to, requested = None, None
+        answer_on_default = True
     reply = Reply(request_id, None, None, False, "invalid", None, problem)
-    topic = reply_to or route.topics.replies
     key = (request_id or "").encode() or record.key
+    answer = Outgoing(reply_to or route.topics.replies, 0, key, encode(reply))
+    if answer_on_default or record_bytes(answer) > reply_topics[answer.topic].max_message_bytes:
+        reply_to, requested = None, None
+    topic = reply_to or route.topics.replies
     partition = reply_partition_of(route, topic, requested, reply_topics)
-    effects.messages.append(Outgoing(topic, partition, key, encode(reply)))
+    effects.messages.append(Outgoing(topic, partition, key, answer.value))
+    effects.messages.append(dead_letter(route, record, problem, reply_topics[route.topics.dlq]))
+
+
+def dead_letter(route: Route, record: Incoming, problem: str, dlq: TopicInfo) -> Outgoing:
+    """The record as it came, with headers saying why and from where; truncated (and marked so) when the
+    original would not fit the DLQ, so that the copy is never what fails the batch."""
+    raw = record.value or b""
     headers: Headers = [
         ("dp.error", problem.encode()),
         ("dp.topic", route.topics.commands.encode()),
         ("dp.partition", str(route.partition).encode()),
         ("dp.offset", str(record.offset).encode()),
     ]
-    dlq = route.topics.dlq
-    partition = partition_for(record.key, reply_topics[dlq]) if record.key else 0
-    effects.messages.append(Outgoing(dlq, partition, record.key, raw, headers))
+    partition = partition_for(record.key, dlq.partitions) if record.key else 0
+    letter = Outgoing(route.topics.dlq, partition, record.key, raw, headers)
+    excess = record_bytes(letter) - dlq.max_message_bytes
+    if excess <= 0:
+        return letter
+    headers.append(("dp.truncated", f"{len(raw)} bytes, cut to fit the DLQ's max.message.bytes".encode()))
+    key = record.key if record.key is None or len(record.key) < dlq.max_message_bytes // 2 else record.key[:256]
+    room = max(0, dlq.max_message_bytes - record_bytes(Outgoing(letter.topic, partition, key, b"", headers)))
+    return Outgoing(letter.topic, partition, key, raw[:room], headers)

@@ -16,24 +16,27 @@ import time
 from collections.abc import Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord
 
 from consumers.effects import Route
+from consumers.failures import Failure, classify
 from consumers.reply_topics import ReplyTopics
 from consumers.writer import PartitionWriter
 from dp.errors import BrokerUnreachable
 from dp.kafka import command_consumer
 from dp.settings import ProcessorSettings
-from dp.topics import check_topics
+from dp.topics import check_configs, check_topics
 
 log = logging.getLogger("dp.processor")
 
 IDLE_POLL_MS = 100
 RETRY_BACKOFF_S = (0.5, 1, 2, 5, 10)
-# After being fenced, reopen only if no rebalance took the partition away within a session timeout:
-# then the group still says it is ours and whoever fenced us was the stale one.
-FENCED_WAIT_S = 15.0
+# How long a failed writer's partition waits before a fresh writer opens it. After being fenced, only
+# if no rebalance took the partition away within a session timeout: then the group still says it is
+# ours and whoever fenced us was the stale one. A fatal failure retries rarely, and loudly.
+REOPEN_S = {Failure.FENCED: 15.0, Failure.RETRIABLE: 0.5, Failure.POISON: 0.5, Failure.FATAL: 30.0}
+# A revoked or stopping writer gets this long to finish its batch before it is abandoned.
+STOP_WRITER_S = 20.0
 
 
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -42,7 +45,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, settings: ProcessorSettings) -> None:
         self.settings = settings
         self.consumer: AIOKafkaConsumer | None = None
-        self.reply_topics = ReplyTopics(settings.kafka)
+        self.reply_topics = ReplyTopics(settings.kafka, always=(settings.topics.replies, settings.topics.dlq))
         self.partitions = 0
         self.writers: dict[TopicPartition, PartitionWriter] = {}
         self.tasks: dict[TopicPartition, asyncio.Task[None]] = {}
@@ -84,7 +87,9 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         delays = iter(RETRY_BACKOFF_S)
         while True:
             try:
-                return await check_topics(self.settings.kafka, self.settings.topics)
+                partitions = await check_topics(self.settings.kafka, self.settings.topics)
+                await check_configs(self.settings.kafka, self.settings.topics)
+                return partitions
             except BrokerUnreachable as error:
                 delay = next(delays, RETRY_BACKOFF_S[-1])
                 log.warning("%s Retrying in %.1fs.", error, delay)
@@ -133,9 +138,10 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def start_writer(self, tp: TopicPartition) -> None:
         assert self.consumer is not None
-        route = Route(tp.partition, self.partitions, self.settings.topics, self.settings.limits)
+        settings = self.settings
+        route = Route(tp.partition, self.partitions, settings.topics, settings.limits, settings.reply_prefixes)
         writer = PartitionWriter(
-            self.settings.kafka, self.settings.group, route, self.settings.data_dir, self.settings.max_batch
+            settings.kafka, settings.group, route, settings.data_dir, settings.max_batch, settings.max_batch_bytes
         )
         self.writers[tp] = writer
         self.tasks[tp] = asyncio.create_task(writer.run(self.consumer, self.reply_topics))
@@ -149,23 +155,31 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         error = task.exception()
         self.consumer.pause(tp)
         log.info("partition %d: closed", tp.partition)
-        if isinstance(error, ProducerFenced):
+        assert error is not None, "a writer ends on its own only by failing"
+        failure = classify(error)
+        if failure is Failure.FENCED:
             log.warning("partition %d: fenced by a newer owner; waiting for the rebalance", tp.partition)
-            self.waiting[tp] = time.monotonic() + FENCED_WAIT_S
-        elif isinstance(error, KafkaError | OSError):
-            log.warning("partition %d: writer failed (%s); reopening", tp.partition, error)
-            self.waiting[tp] = time.monotonic() + RETRY_BACKOFF_S[0]
+        elif failure is Failure.FATAL:
+            log.error("partition %d: writer failed (%s); reopening in %.0fs", tp.partition, failure.value,
+                      REOPEN_S[failure], exc_info=error)  # fmt: skip
         else:
-            log.error("partition %d: writer failed; reopening", tp.partition, exc_info=error)
-            self.waiting[tp] = time.monotonic() + RETRY_BACKOFF_S[1]
+            log.warning("partition %d: writer failed (%s: %s); reopening", tp.partition, failure.value, error)
+        self.waiting[tp] = time.monotonic() + REOPEN_S[failure]
 
     async def stop_writer(self, tp: TopicPartition) -> None:
-        """Let the writer finish its batch in flight, then close it."""
+        """Let the writer finish its batch in flight, then close it; a writer stuck past STOP_WRITER_S is
+        abandoned (cancelled: its transaction never commits, and the next owner's fencing aborts it)."""
         writer, task = self.writers.pop(tp, None), self.tasks.pop(tp, None)
         if writer is None or task is None:
             return
         writer.stop()
-        await asyncio.gather(task, return_exceptions=True)
+        _, pending = await asyncio.wait([task], timeout=STOP_WRITER_S)
+        if pending:
+            log.warning("partition %d: writer did not finish within %.0fs; abandoning it", tp.partition, STOP_WRITER_S)
+            task.cancel()
+            await asyncio.wait([task], timeout=STOP_WRITER_S)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the writer is gone either way
         log.info("partition %d: closed", tp.partition)
 
 

@@ -1,56 +1,111 @@
-"""Which topics exist, and with how many partitions, so each command's `replyTo` can be checked."""
+"""What the processor knows of the topics it may write replies to: partitions, size limit, compaction.
+
+Commands name their reply topic (`replyTo`), so the processor must know, before it publishes, that
+the topic exists, how many partitions it has, how large a record it accepts and whether it is
+compacted or internal. Partition counts come from cluster metadata; configurations are described
+only for the topics commands actually named, so a cluster with thousands of topics costs nothing.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Final
 
-from dp.kafka import metadata_client
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from consumers.effects import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, TopicInfo
+from dp.kafka import admin
 from dp.settings import Kafka
 
-METADATA_REFRESH_S = 1.0
+# A topic deleted, created or reconfigured is noticed within this, even when nothing misses.
+REFRESH_S: Final = 10.0
+# A lookup that missed refreshes at most this often, so hostile input naming random topics costs
+# at most one metadata request a second.
+MISS_REFRESH_S: Final = 1.0
+# Topics whose configuration is tracked; past this many, the least useful (all) start over.
+MAX_TRACKED: Final = 10_000
+CONFIGS: Final = {"max.message.bytes": None, "cleanup.policy": None}
+OK = 0
 
 
-class ReplyTopics(Mapping[str, int]):
-    """Partition counts of the cluster's topics, so commands can be checked against their `replyTo`.
+class ReplyTopics(Mapping[str, TopicInfo]):
+    """The topics commands may name, described. A lookup that misses sets `missed`; the writer then
+    refreshes and recomputes its batch, so a reply topic created a moment ago is found."""
 
-    A lookup that misses is remembered; the writer then refreshes (at most once a second) and
-    recomputes its batch, so a reply topic created a moment ago is found and hostile input naming
-    random topics costs at most one metadata request per second.
-    """
-
-    def __init__(self, kafka: Kafka) -> None:
-        self._client = metadata_client(kafka)
-        self._counts: dict[str, int] = {}
-        self._refreshed = 0.0
+    def __init__(self, kafka: Kafka, always: Iterable[str] = ()) -> None:
+        self._admin = admin(kafka)
+        self._info: dict[str, TopicInfo] = {}
+        self._always = frozenset(always)
+        self._tracked: set[str] = set(self._always)
+        self._refreshed = float("-inf")
+        self._lock = asyncio.Lock()
         self.missed = False
 
     async def start(self) -> None:
-        await self._client.bootstrap()
-        await self.refresh()
+        await self._admin.start()
+        await self.refresh(force=True)
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._admin.close()
 
-    async def refresh(self) -> bool:
-        """Reload the topic list unless that happened within the last second; True if it did."""
-        if time.monotonic() - self._refreshed < METADATA_REFRESH_S:
-            return False
-        cluster = await self._client.fetch_all_metadata()
-        self._counts = {topic: len(cluster.partitions_for_topic(topic) or ()) for topic in cluster.topics()}
-        self._refreshed = time.monotonic()
-        self.missed = False
-        return True
+    @property
+    def stale(self) -> bool:
+        return time.monotonic() - self._refreshed > REFRESH_S
 
-    def __getitem__(self, topic: str) -> int:
+    async def refresh(self, *, force: bool = False) -> bool:
+        """Reload what is known unless that happened within the last second; True if it did."""
+        async with self._lock:
+            if not force and time.monotonic() - self._refreshed < MISS_REFRESH_S:
+                return False
+            described = await self._admin.describe_topics()
+            metadata = {
+                topic["topic"]: (len(topic["partitions"]), bool(topic["is_internal"]))
+                for topic in described
+                if topic["error_code"] == OK and topic["partitions"]
+            }
+            if len(self._tracked) > MAX_TRACKED:
+                self._tracked = set(self._always)
+            wanted = [name for name in self._tracked if name in metadata and not metadata[name][1]]
+            configs = await self._describe(wanted)
+            self._info = {
+                name: TopicInfo(metadata[name][0], *configs.get(name, (KAFKA_DEFAULT_MAX_MESSAGE_BYTES, False)))
+                for name in self._tracked
+                if name in metadata
+            }
+            self._info.update(
+                (name, TopicInfo(count, internal=True)) for name, (count, internal) in metadata.items() if internal
+            )
+            self._refreshed = time.monotonic()
+            self.missed = False
+            return True
+
+    async def _describe(self, names: list[str]) -> dict[str, tuple[int, bool]]:
+        """(max.message.bytes, compacted) of each topic that still exists."""
+        if not names:
+            return {}
+        resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict(CONFIGS)) for name in names]
+        found: dict[str, tuple[int, bool]] = {}
+        for response in await self._admin.describe_configs(resources):
+            for resource in response.to_object()["resources"]:
+                if resource["error_code"] != OK:
+                    continue
+                entries = {entry["config_names"]: entry["config_value"] for entry in resource["config_entries"]}
+                limit = int(entries.get("max.message.bytes") or KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+                found[resource["resource_name"]] = (limit, "compact" in (entries.get("cleanup.policy") or ""))
+        return found
+
+    def __getitem__(self, topic: str) -> TopicInfo:
         try:
-            return self._counts[topic]
+            return self._info[topic]
         except KeyError:
+            self._tracked.add(topic)
             self.missed = True
             raise
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._counts)
+        return iter(self._info)
 
     def __len__(self) -> int:
-        return len(self._counts)
+        return len(self._info)

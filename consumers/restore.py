@@ -7,6 +7,8 @@ start instead.
 
 from __future__ import annotations
 
+import time
+
 from aiokafka import TopicPartition
 
 from consumers.store import PartitionStore
@@ -14,6 +16,13 @@ from dp.kafka import restore_consumer
 from dp.settings import Kafka
 
 RESTORE_BATCH = 20_000
+# A restore that reads nothing for this long is given up (and retried by a fresh writer), never waited on.
+STALL_S = 60.0
+
+
+class StoreAhead(Exception):
+    """The store reflects more of the log than the log holds: the topics were recreated, or the data
+    dir belongs to another deployment. Trusting it would skip commands."""
 
 
 async def restore(kafka: Kafka, changelog: TopicPartition, store: PartitionStore) -> int:
@@ -24,15 +33,25 @@ async def restore(kafka: Kafka, changelog: TopicPartition, store: PartitionStore
         consumer.assign([changelog])
         end = (await consumer.end_offsets([changelog]))[changelog]
         start = store.changelog_offset
+        if start > end:
+            raise StoreAhead(f"the store is at changelog offset {start}, beyond the changelog's end ({end})")
         if start >= end:
             return 0
         consumer.seek(changelog, start)
         replayed = 0
+        moved = time.monotonic()
         while (position := await consumer.position(changelog)) < end:
             batch = await consumer.getmany(changelog, timeout_ms=500, max_records=RESTORE_BATCH)
             records = batch.get(changelog, [])
+            if records:
+                moved = time.monotonic()
+            elif time.monotonic() - moved > STALL_S:
+                raise TimeoutError(
+                    f"restoring {changelog.topic} partition {changelog.partition} made no progress for "
+                    f"{STALL_S:.0f}s at offset {position} of {end}"
+                )
             store.write_raw(
-                ((record.key, record.value) for record in records),
+                ((record.offset, record.key, record.value, record.headers) for record in records),
                 await consumer.position(changelog) if records else position,
             )
             replayed += len(records)

@@ -6,11 +6,17 @@ Key layout (raw bytes, one database per partition, written only by that partitio
     b"t" + timeout (8 bytes BE) + id -> b""   for every PENDING promise: deadlines in order
     b"o:changelog"                  -> next changelog offset the store reflects (8 bytes BE)
     b"o:commands"                   -> next command offset the store reflects (8 bytes BE)
+    b"o:now"                        -> the latest batch time applied (epoch ms, 8 bytes BE)
 
 The changelog carries, besides the promise records, one progress record per batch under the empty
 key (never a promise id: ids are non-empty) holding the next command offset, in the same
-transaction as the batch. The store learns it on restore like any record, so the command offset a
-partition resumes from survives even a lost consumer-offset commit.
+transaction as the batch, and the batch's `now`. The store learns both on restore like any record,
+so the command offset a partition resumes from survives even a lost consumer-offset commit, and a
+new owner whose clock lags never applies a command at a time before one already applied.
+
+A changelog record may carry a `dp.kind` header; a kind this version does not know is skipped and
+counted, so that a newer writer never wedges an older reader. A record of a known kind that does
+not decode stops the restore with `RestoreFailed`, naming the offset.
 
 Every change arrives as one `WriteBatch` that carries the records, their index entries and the
 changelog offset together, so a crash leaves the store at some committed batch boundary, never
@@ -19,9 +25,11 @@ in between.
 
 from __future__ import annotations
 
+import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Final
 
 import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
@@ -33,7 +41,10 @@ DEADLINE = b"t"
 DEADLINE_END = b"u"
 CHANGELOG_OFFSET = b"o:changelog"
 COMMAND_OFFSET = b"o:commands"
+LAST_NOW = b"o:now"
 PROGRESS_KEY = b""
+KIND_HEADER: Final = "dp.kind"
+KNOWN_KINDS: Final = frozenset((b"promise", b"progress"))
 OFFSET = struct.Struct(">q")
 TIMEOUT = struct.Struct(">Q")
 
@@ -54,16 +65,28 @@ def options() -> Options:
     return opts
 
 
+class RestoreFailed(Exception):
+    """A changelog record of a kind this version knows that does not decode: restoring past it would
+    leave the store wrong, so the partition stays closed until an operator looks."""
+
+
 class PartitionStore:
     """RocksDB for one partition. Not thread-safe; only the partition's writer touches it."""
 
     def __init__(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.skipped = 0
         self._db = Rdict(str(path), options(), access_type=AccessType.read_write())
 
     def close(self) -> None:
         self._db.close()
+
+    def wipe(self) -> PartitionStore:
+        """Close and delete this store; returns a fresh empty one at the same path."""
+        self.close()
+        shutil.rmtree(self.path)
+        return PartitionStore(self.path)
 
     def get(self, promise_id: str) -> Promise | None:
         raw = self._db.get(record_key(promise_id))
@@ -79,6 +102,11 @@ class PartitionStore:
         """The next command offset: every command before it has been applied to the store."""
         return self._offset(COMMAND_OFFSET)
 
+    @property
+    def last_now(self) -> int:
+        """The time of the latest batch applied: a partition's clock never runs backwards."""
+        return self._offset(LAST_NOW)
+
     def _offset(self, key: bytes) -> int:
         raw = self._db.get(key)
         return 0 if raw is None else int(OFFSET.unpack(raw)[0])
@@ -91,21 +119,28 @@ class PartitionStore:
             return int(TIMEOUT.unpack_from(iterator.key(), 1)[0])
         return None
 
-    def due(self, now: int, limit: int) -> list[Promise]:
-        """Pending promises whose timeout is at or before `now`, earliest first, at most `limit`."""
+    def due(self, now: int, limit: int, max_bytes: int) -> list[Promise]:
+        """Pending promises whose timeout is at or before `now`, earliest first: at most `limit` of them
+        and about `max_bytes` of records (always at least one, so that a large one is not stuck)."""
         found: list[Promise] = []
+        size = 0
         bound = DEADLINE + TIMEOUT.pack(now + 1)
         iterator = self._db.iter()
         iterator.seek(DEADLINE)
-        while len(found) < limit and iterator.valid() and iterator.key() < bound:
-            promise = self.get(iterator.key()[1 + TIMEOUT.size :].decode())
-            if promise is not None:
-                found.append(promise)
+        while len(found) < limit and size < max_bytes and iterator.valid() and iterator.key() < bound:
+            raw = self._db.get(record_key(iterator.key()[1 + TIMEOUT.size :].decode()))
+            if raw is not None:
+                found.append(decode_promise(raw))
+                size += len(raw)
             iterator.next()
         return found
 
     def write(
-        self, records: Iterable[tuple[Promise, bytes]], changelog_offset: int, command_offset: int | None
+        self,
+        records: Iterable[tuple[Promise, bytes]],
+        changelog_offset: int,
+        command_offset: int | None,
+        now: int,
     ) -> None:
         """Write a committed batch's records (with their encodings), index entries and offsets, atomically."""
         batch = WriteBatch(raw_mode=True)
@@ -113,19 +148,29 @@ class PartitionStore:
             stage(batch, promise.id, value, promise)
         if command_offset is not None:
             batch.put(COMMAND_OFFSET, OFFSET.pack(command_offset))
+            batch.put(LAST_NOW, OFFSET.pack(now))
         batch.put(CHANGELOG_OFFSET, OFFSET.pack(changelog_offset))
         self._db.write(batch)
 
-    def write_raw(self, entries: Iterable[tuple[bytes, bytes | None]], changelog_offset: int) -> None:
+    def write_raw(self, entries: Iterable[ChangelogEntry], changelog_offset: int) -> None:
         """Restore path: changelog records as they are, then the offset. (The processor never deletes.)"""
         batch = WriteBatch(raw_mode=True)
-        for key, value in entries:
-            if value is None:
+        for offset, key, value, headers in entries:
+            kind = dict(headers).get(KIND_HEADER)
+            if value is None or key is None:
                 continue
-            if key == PROGRESS_KEY:
-                batch.put(COMMAND_OFFSET, OFFSET.pack(decode_progress(value).next_command_offset))
-            else:
-                stage(batch, key.decode(), value, decode_indexed(value))
+            if kind is not None and kind not in KNOWN_KINDS:
+                self.skipped += 1
+                continue
+            try:
+                if key == PROGRESS_KEY:
+                    progress = decode_progress(value)
+                    batch.put(COMMAND_OFFSET, OFFSET.pack(progress.next_command_offset))
+                    batch.put(LAST_NOW, OFFSET.pack(progress.now))
+                else:
+                    stage(batch, key.decode(), value, decode_indexed(value))
+            except (msgspec.DecodeError, UnicodeDecodeError) as error:
+                raise RestoreFailed(f"changelog record at offset {offset} is not one dp can read ({error})") from None
         batch.put(CHANGELOG_OFFSET, OFFSET.pack(changelog_offset))
         self._db.write(batch)
 
@@ -151,16 +196,20 @@ decode_indexed = msgspec.json.Decoder(Indexed).decode
 
 
 class Progress(msgspec.Struct, frozen=True, gc=False, rename="camel"):
-    """The changelog's progress record: how far the commands of this partition have been applied."""
+    """The changelog's progress record: how far the commands of this partition have been applied, and
+    at what time (0 in records written before the time was recorded)."""
 
     next_command_offset: int
+    now: int = 0
 
 
 decode_progress = msgspec.json.Decoder(Progress).decode
+ChangelogEntry = tuple[int, bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
+"""(offset, key, value, headers) of one changelog record."""
 
 
-def progress_record(next_command_offset: int) -> bytes:
-    return encode(Progress(next_command_offset))
+def progress_record(next_command_offset: int, now: int) -> bytes:
+    return encode(Progress(next_command_offset, now))
 
 
 def stage(batch: WriteBatch, promise_id: str, value: bytes, promise: Promise | Indexed) -> None:

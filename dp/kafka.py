@@ -8,6 +8,7 @@ of them and turns "no broker answered" into `BrokerUnreachable`, a sentence that
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, Final, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from dp.errors import BrokerUnreachable
@@ -25,6 +26,7 @@ from dp.settings import Kafka
 # (param and value each up to 512 KiB decoded, base64 on the wire, in one record) must never meet
 # Kafka's 1 MB default and fail its transaction forever.
 MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
+TRANSACTION_TIMEOUT_MS: Final = 120_000
 
 
 def options(kafka: Kafka) -> dict[str, Any]:
@@ -103,6 +105,9 @@ def transactional_producer(kafka: Kafka, transactional_id: str) -> AIOKafkaProdu
         max_batch_size=256 * 1024,
         max_request_size=MAX_MESSAGE_BYTES + 64 * 1024,
         request_timeout_ms=30_000,
+        # Above the longest a batch may take (its bytes are bounded; the writer abandons a publish after
+        # PUBLISH_TIMEOUT_S), so the coordinator never aborts a transaction the writer still believes in.
+        transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
     )
 
 
@@ -131,6 +136,23 @@ async def started(kafka: Kafka, client: C) -> AsyncIterator[C]:
         yield client
     finally:
         await _stop(client)
+
+
+async def discard(producer: AIOKafkaProducer, seconds: float = 10.0) -> None:
+    """Stop a producer after a transactional failure, never to be reused, within `seconds`.
+
+    aiokafka's `stop()` first waits for every pending batch, which never comes when a send is retried
+    forever (a deleted topic's AddPartitionsToTxn); past the bound its sender is cancelled and its
+    connections closed. The transaction it left open is aborted by the next producer with its id.
+    """
+    try:
+        await asyncio.wait_for(producer.stop(), seconds)
+    except (TimeoutError, KafkaError):
+        sender = producer._sender.sender_task
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        await producer.client.close()
 
 
 async def _stop(client: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient) -> None:

@@ -172,14 +172,22 @@ class ProcessorSettings(Settings):
     topics: Topics = field(default_factory=Topics)
     group: str = setting("dp", "application id: consumer group and transactional-id prefix")
     data_dir: Path = setting(Path("data"), "RocksDB root")
-    max_batch: int = setting(2_000, "most commands fetched per poll")
+    max_batch: int = setting(2_000, "most commands in one batch (one transaction)")
+    max_batch_bytes: int = setting(16 * 1024 * 1024, "about the most command bytes in one batch")
     max_record_bytes: int = setting(DEFAULT_LIMITS.max_record_bytes, "largest command accepted, in bytes")
     max_data_bytes: int = setting(DEFAULT_LIMITS.max_data_bytes, "largest decoded param or value data, in bytes")
+    reply_topic_prefixes: str = setting(
+        "", "comma-separated prefixes a command's replyTo must start with (default: any topic not the deployment's own)"
+    )
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
 
     @property
     def limits(self) -> Limits:
         return Limits(max_record_bytes=self.max_record_bytes, max_data_bytes=self.max_data_bytes)
+
+    @property
+    def reply_prefixes(self) -> tuple[str, ...]:
+        return tuple(prefix.strip() for prefix in self.reply_topic_prefixes.split(",") if prefix.strip())
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -7,17 +7,25 @@ import time
 from typing import Any
 
 from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from dp import kafka as clients
 from dp.errors import TopicsProblem
 from dp.kafka import MAX_MESSAGE_BYTES
 from dp.settings import Kafka, Topics
+from dp.wire import DEFAULT_LIMITS
 
 DEFAULT_PARTITIONS = 8
 UNKNOWN_TOPIC = 3
 READY_SECONDS = 30.0
-TOPIC_CONFIG = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+# Every record carries the broker's time, never the writer's: a processor whose clock is off still
+# publishes (Kafka refuses CreateTime records more than an hour ahead), and readers see one clock.
+TIMESTAMPS = {"message.timestamp.type": "LogAppendTime"}
+# What dp writes must fit (MAX_MESSAGE_BYTES); commands get what the processor accepts by default
+# plus room for key, headers and batch framing, so the topic refuses what the processor would.
+TOPIC_CONFIG = {"max.message.bytes": str(MAX_MESSAGE_BYTES), **TIMESTAMPS}
+COMMANDS_CONFIG = {"max.message.bytes": str(DEFAULT_LIMITS.max_record_bytes + 64 * 1024), **TIMESTAMPS}
 CHANGELOG_CONFIG = {**TOPIC_CONFIG, "cleanup.policy": "compact"}
 
 
@@ -28,6 +36,13 @@ def partitioned(topics: Topics) -> tuple[str, str, str]:
 
 def all_topics(topics: Topics) -> tuple[str, ...]:
     return (*partitioned(topics), topics.replies, topics.dlq)
+
+
+def config_of(topics: Topics, name: str) -> dict[str, str]:
+    """The configuration dp creates topic `name` with."""
+    if name == topics.commands:
+        return COMMANDS_CONFIG
+    return CHANGELOG_CONFIG if name == topics.changelog else TOPIC_CONFIG
 
 
 async def partition_counts(admin: Any, names: tuple[str, ...]) -> dict[str, int]:
@@ -68,12 +83,7 @@ async def create_topics(
             )
         count = partitions or (existing.pop() if existing else DEFAULT_PARTITIONS)
         missing = [
-            NewTopic(
-                name,
-                count,
-                replication_factor,
-                topic_configs=CHANGELOG_CONFIG if name == topics.changelog else TOPIC_CONFIG,
-            )
+            NewTopic(name, count, replication_factor, topic_configs=config_of(topics, name))
             for name in all_topics(topics)
             if name not in counts
         ]
@@ -119,3 +129,41 @@ async def check_topics(kafka: Kafka, topics: Topics) -> int:
     if problem:
         raise TopicsProblem(problem)
     return counts[topics.commands]
+
+
+async def check_configs(kafka: Kafka, topics: Topics) -> None:
+    """TopicsProblem unless every topic is configured as the processor needs: broker timestamps, room for
+    the largest record dp writes, and a compacted changelog. The sentence names the command that fixes it."""
+    names = all_topics(topics)
+    keys = {"max.message.bytes": None, "message.timestamp.type": None, "cleanup.policy": None}
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict(keys)) for name in names]
+    async with clients.started(kafka, clients.admin(kafka)) as admin:
+        responses = await admin.describe_configs(resources)
+    actual = {
+        resource["resource_name"]: {
+            entry["config_names"]: entry["config_value"] for entry in resource["config_entries"]
+        }
+        for response in responses
+        for resource in response.to_object()["resources"]
+    }
+    problems = [problem for name in names for problem in _config_problems(topics, name, actual.get(name, {}))]
+    if problems:
+        raise TopicsProblem(
+            f"topic configuration {'; '.join(problems)}: fix it with Kafka's tool, e.g. `kafka-configs.sh "
+            "--bootstrap-server HOST:PORT --alter --entity-type topics --entity-name TOPIC --add-config "
+            "message.timestamp.type=LogAppendTime`, or recreate the topics with `dp topics create`."
+        )
+
+
+def _config_problems(topics: Topics, name: str, actual: dict[str, str]) -> list[str]:
+    wanted = config_of(topics, name)
+    problems = []
+    if actual.get("message.timestamp.type") != "LogAppendTime":
+        problems.append(f"{name} has message.timestamp.type={actual.get('message.timestamp.type')}, not LogAppendTime")
+    if name != topics.commands and int(actual.get("max.message.bytes") or 0) < int(wanted["max.message.bytes"]):
+        problems.append(
+            f"{name} has max.message.bytes={actual.get('max.message.bytes')}, below {wanted['max.message.bytes']}"
+        )
+    if name == topics.changelog and "compact" not in (actual.get("cleanup.policy") or ""):
+        problems.append(f"{name} has cleanup.policy={actual.get('cleanup.policy')}, not compact")
+    return problems

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags, kafka_from, topics_from
-from dp.topics import create_topics
+from dp.topics import all_topics, check_configs, check_topics, create_topics
 
 
 def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
@@ -26,6 +26,24 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
     create.add_argument("--replication-factor", type=int, default=1, help="default %(default)s")
     add_connection_flags(create)
     create.set_defaults(handler=run_create)
+    check = actions.add_parser(
+        "check",
+        help="check that the topics exist and are configured as the processor needs",
+        description="Check the five topics: they exist, commands, events and changelog share one partition "
+        "count, every topic stamps records with the broker's time (LogAppendTime), the output topics take "
+        "the largest record dp writes, and the changelog is compacted. `dp serve` checks the same at start. "
+        "Exit 0 when all holds, else 2 with one sentence saying what to fix.",
+    )
+    add_connection_flags(check)
+    check.set_defaults(handler=run_check)
+
+
+async def run_check(args: argparse.Namespace) -> int:
+    kafka, topics = kafka_from(args), topics_from(args)
+    partitions = await check_topics(kafka, topics)
+    await check_configs(kafka, topics)
+    print(f"ok: {', '.join(all_topics(topics))} ({partitions} partitions) are as the processor needs")
+    return EXIT_OK
 
 
 async def run_create(args: argparse.Namespace) -> int:

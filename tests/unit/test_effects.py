@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from consumers.effects import Route, apply_batch
+from consumers.effects import Route, TopicInfo, apply_batch
 from dp.partitioning import partition_for
 from dp.settings import Topics
 from dp.wire import DEFAULT_LIMITS, Promise, decode_event, decode_reply
 
 TOPICS = Topics("t")
 PARTITIONS = 4
-COUNTS = {TOPICS.replies: 3, TOPICS.dlq: 2, "mine": 5}
+COUNTS = {TOPICS.replies: TopicInfo(3), TOPICS.dlq: TopicInfo(2), "mine": TopicInfo(5)}
 NOW = 1_000_000
 
 

@@ -1,0 +1,46 @@
+"""What a writer's failure means, decided in one place, so that each kind gets its one reaction."""
+
+from __future__ import annotations
+
+import enum
+
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    ProducerFenced,
+    TransactionCoordinatorFenced,
+    UnknownTopicOrPartitionError,
+)
+
+from consumers.restore import StoreAhead
+from consumers.store import RestoreFailed
+
+
+class Failure(enum.Enum):
+    FENCED = "fenced by a newer owner"
+    """Another process owns the partition now: wait for the rebalance rather than fence it back."""
+    RETRIABLE = "a transient failure"
+    """The network, a broker or a timeout: reopen from Kafka's truth after a short backoff."""
+    POISON = "a record Kafka refuses"
+    """A send refused for what it carried: find the command behind it, refuse it, commit the rest."""
+    FATAL = "a failure that needs an operator"
+    """A bug, bad configuration or an unreadable changelog: say so loudly, retry rarely."""
+
+
+def classify(error: BaseException, *, from_send: bool = False) -> Failure:
+    """The kind of `error`; `from_send` when it is the outcome of one record batch's send."""
+    if isinstance(error, ProducerFenced | InvalidProducerEpoch | TransactionCoordinatorFenced):
+        return Failure.FENCED
+    if from_send and isinstance(error, UnknownTopicOrPartitionError):
+        return Failure.POISON  # a reply topic deleted under us: the next check refuses the command
+    if isinstance(error, KafkaError) and from_send and not error.retriable:
+        return Failure.POISON
+    if isinstance(error, RestoreFailed):
+        return Failure.FATAL
+    if isinstance(error, StoreAhead | KafkaConnectionError | KafkaTimeoutError | TimeoutError | OSError):
+        return Failure.RETRIABLE
+    if isinstance(error, KafkaError) and error.retriable:
+        return Failure.RETRIABLE
+    return Failure.FATAL
