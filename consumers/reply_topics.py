@@ -24,7 +24,7 @@ REFRESH_S: Final = 10.0
 # A lookup that missed refreshes at most this often, so hostile input naming random topics costs
 # at most one metadata request a second.
 MISS_REFRESH_S: Final = 1.0
-# Topics whose configuration is tracked; past this many, the least useful (all) start over.
+# Topics whose configuration is tracked (those commands named); hostile input cannot grow it past this.
 MAX_TRACKED: Final = 10_000
 CONFIGS: Final = {"max.message.bytes": None, "cleanup.policy": None}
 OK = 0
@@ -37,8 +37,10 @@ class ReplyTopics(Mapping[str, TopicInfo]):
     def __init__(self, kafka: Kafka, always: Iterable[str] = ()) -> None:
         self._admin = admin(kafka)
         self._info: dict[str, TopicInfo] = {}
+        self._metadata: dict[str, tuple[int, bool]] = {}
         self._always = frozenset(always)
         self._tracked: set[str] = set(self._always)
+        self._pending: set[str] = set()
         self._refreshed = float("-inf")
         self._lock = asyncio.Lock()
         self.missed = False
@@ -55,18 +57,25 @@ class ReplyTopics(Mapping[str, TopicInfo]):
         return time.monotonic() - self._refreshed > REFRESH_S
 
     async def refresh(self, *, force: bool = False) -> bool:
-        """Reload what is known unless that happened within the last second; True if it did."""
+        """Reload what is known unless that happened within the last second; True if it did. A topic that
+        exists but was never named before only needs its configuration, fetched at once."""
         async with self._lock:
+            if self._pending and not force:
+                pending, self._pending = list(self._pending), set()
+                configs = await self._describe(pending)
+                self._info.update(
+                    (name, TopicInfo(self._metadata[name][0], *configs[name])) for name in pending if name in configs
+                )
+                self.missed = False
+                return True
             if not force and time.monotonic() - self._refreshed < MISS_REFRESH_S:
                 return False
             described = await self._admin.describe_topics()
-            metadata = {
+            self._metadata = metadata = {
                 topic["topic"]: (len(topic["partitions"]), bool(topic["is_internal"]))
                 for topic in described
                 if topic["error_code"] == OK and topic["partitions"]
             }
-            if len(self._tracked) > MAX_TRACKED:
-                self._tracked = set(self._always)
             wanted = [name for name in self._tracked if name in metadata and not metadata[name][1]]
             configs = await self._describe(wanted)
             self._info = {
@@ -78,6 +87,7 @@ class ReplyTopics(Mapping[str, TopicInfo]):
                 (name, TopicInfo(count, internal=True)) for name, (count, internal) in metadata.items() if internal
             )
             self._refreshed = time.monotonic()
+            self._pending.clear()
             self.missed = False
             return True
 
@@ -100,7 +110,10 @@ class ReplyTopics(Mapping[str, TopicInfo]):
         try:
             return self._info[topic]
         except KeyError:
-            self._tracked.add(topic)
+            if len(self._tracked) < MAX_TRACKED:
+                self._tracked.add(topic)
+            if topic in self._metadata:
+                self._pending.add(topic)
             self.missed = True
             raise
 

@@ -62,6 +62,9 @@ def options() -> Options:
     opts.create_if_missing(True)
     opts.increase_parallelism(2)
     opts.set_max_background_jobs(2)
+    # One database per partition: RocksDB's 64 MiB memtables (two of them) would cost a process hundreds
+    # of MiB once large promises arrive; a quarter of that keeps memory bounded at little cost in flushes.
+    opts.set_write_buffer_size(16 * 1024 * 1024)
     return opts
 
 

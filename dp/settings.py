@@ -173,7 +173,9 @@ class ProcessorSettings(Settings):
     group: str = setting("dp", "application id: consumer group and transactional-id prefix")
     data_dir: Path = setting(Path("data"), "RocksDB root")
     max_batch: int = setting(2_000, "most commands in one batch (one transaction)")
-    max_batch_bytes: int = setting(16 * 1024 * 1024, "about the most command bytes in one batch")
+    max_batch_bytes: int = setting(
+        4 * 1024 * 1024, "about the most command bytes in one batch (memory: ~10x per partition)"
+    )
     max_record_bytes: int = setting(DEFAULT_LIMITS.max_record_bytes, "largest command accepted, in bytes")
     max_data_bytes: int = setting(DEFAULT_LIMITS.max_data_bytes, "largest decoded param or value data, in bytes")
     reply_topic_prefixes: str = setting(

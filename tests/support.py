@@ -75,9 +75,18 @@ def script_broker() -> Iterator[str]:
 class ServeProcess:
     """One `dp serve` OS process, so that tests can kill -9, SIGSTOP and restart it like an operator."""
 
-    def __init__(self, bootstrap_servers: str, topics: Topics, group: str, data_dir: Path, log: Path) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topics: Topics,
+        group: str,
+        data_dir: Path,
+        log: Path,
+        clock_offset_ms: int = 0,
+    ) -> None:
+        """`clock_offset_ms` runs the processor with its wall clock that far off, as on a badly synced host."""
         self.command = [
-            sys.executable, "-m", "dp.cli", "serve",
+            sys.executable, *launcher(clock_offset_ms), "serve",
             "--bootstrap-servers", bootstrap_servers,
             "--topic-prefix", topics.prefix,
             "--group", group,
@@ -121,6 +130,30 @@ class ServeProcess:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def peak_rss_bytes(self) -> int:
+        """The process's peak resident memory so far (VmHWM), while it runs."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        (kib,) = re.findall(r"VmHWM:\s+(\d+) kB", status)
+        return int(kib) * 1024
+
+
+def launcher(clock_offset_ms: int) -> list[str]:
+    """`-m dp.cli`, or the same with Python's wall clock shifted: aiokafka's pure-Python record builder
+    then stamps records with it too (its C one reads the system clock)."""
+    if not clock_offset_ms:
+        return ["-m", "dp.cli"]
+    shift = clock_offset_ms / 1000
+    return [
+        "-c",
+        "import os, runpy, time\n"
+        "os.environ['AIOKAFKA_NO_EXTENSIONS'] = '1'\n"
+        f"real_time, real_ns = time.time, time.time_ns\n"
+        f"time.time = lambda: real_time() + {shift}\n"
+        f"time.time_ns = lambda: real_ns() + {clock_offset_ms * 1_000_000}\n"
+        "runpy.run_module('dp.cli', run_name='__main__', alter_sys=True)",
+    ]
 
 
 def now_ms() -> int:
