@@ -46,11 +46,19 @@ def classify(
     if home_partition(key, partitions) != partition:
         return "misrouted"
     reply_topic = command.reply_to or default_replies
+    if reply_topic.startswith("__") or reply_topic in own_topics(default_replies):
+        return "reply address is the deployment's own or an internal topic"
     if topics.get(reply_topic, 0) == 0:
         return "no such reply topic"
     if command.reply_partition is not None and command.reply_partition >= topics[reply_topic]:
         return "no such reply partition"
     return command
+
+
+def own_topics(default_replies: str) -> tuple[str, ...]:
+    """The deployment's topics a reply may never go to (all but the replies topic itself)."""
+    prefix = default_replies.removesuffix(".replies")
+    return tuple(f"{prefix}.{name}" for name in ("commands", "events", "changelog", "dlq"))
 
 
 def recoverable_request_id(value: bytes | None) -> str | None:

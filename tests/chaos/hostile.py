@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 from dp.kafka import options as kafka_options
 from dp.settings import Kafka, Topics
 from dp.wire import Limits
-from tests.chaos.accept import classify, home_partition, recoverable_request_id, salvaged_request_id
+from tests.chaos.accept import classify, home_partition, own_topics, recoverable_request_id, salvaged_request_id
 from tests.chaos.workload import HOUR_MS, now_ms
 
 
@@ -175,6 +175,21 @@ class Hostile:
             body["replyPartition"] = self.partitions + self.rng.randrange(1000)
         return self.keyed(body, "bad_reply_address")
 
+    def own_reply_address(self) -> Bad:
+        """A reply address naming the deployment's own or an internal topic: a reply written there would
+        corrupt the changelog, echo into the commands or pose as an event."""
+        body = self.template()
+        body["replyTo"] = self.rng.choice(
+            (*own_topics(self.replies_topic), "__consumer_offsets", "__transaction_state")
+        )
+        if self.rng.random() < 0.5:
+            body["replyPartition"] = self.rng.randrange(self.partitions)
+        if self.rng.random() < 0.3:
+            del body["requestId"]
+            body["requestId"] = self.request_id()
+        bad = self.keyed(body, "own_reply_address")
+        return bad._replace(key=None) if self.rng.random() < 0.2 else bad
+
     def bitflip(self) -> Bad:
         bad = self.keyed(self.template(), "bitflip")
         assert bad.value is not None
@@ -210,6 +225,7 @@ KINDS: dict[str, tuple[Callable[[Hostile], Bad], float]] = {
     "wrong_key": (Hostile.wrong_key, 8),
     "tombstone": (Hostile.tombstone, 3),
     "bad_reply_address": (Hostile.bad_reply_address, 5),
+    "own_reply_address": (Hostile.own_reply_address, 5),
     "bitflip": (Hostile.bitflip, 10),
     "deep": (Hostile.deep, 1),
     "bad_utf8": (Hostile.bad_utf8, 1),
