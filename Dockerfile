@@ -1,14 +1,12 @@
-# The dp processor and CLI, for docker-compose.yml.
+# The dp processor and CLI, for docker-compose.yml: exactly the versions and hashes of uv.lock.
 FROM python:3.11-slim
 WORKDIR /app
+# The same uv as scripts/uv; it builds dp with the setuptools pinned in pyproject.toml.
+RUN pip install --no-cache-dir uv==0.13.9
 COPY pyproject.toml uv.lock README.md ./
 COPY dp ./dp
 COPY consumers ./consumers
-# Exactly the versions and hashes of uv.lock (runtime only), then dp itself.
-RUN pip install --no-cache-dir uv==0.13.9 \
- && uv export --frozen --no-dev --no-emit-project --format requirements-txt -o /tmp/requirements.txt \
- && pip uninstall -y uv \
- && pip install --no-cache-dir --require-hashes -r /tmp/requirements.txt \
- && pip install --no-cache-dir --no-deps .
+ENV UV_PROJECT_ENVIRONMENT=/opt/dp UV_PYTHON_DOWNLOADS=never PATH=/opt/dp/bin:$PATH
+RUN uv sync --frozen --no-dev --no-editable --no-cache
 ENTRYPOINT []
 CMD ["dp", "serve"]

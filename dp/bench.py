@@ -35,7 +35,7 @@ from hdrh.histogram import HdrHistogram
 from dp import kafka as clients
 from dp.partitioning import partition_for
 from dp.settings import Kafka, Topics
-from dp.topics import all_topics, check_topics, create_topics
+from dp.topics import DEFAULT_PARTITIONS, all_topics, check_topics, create_topics
 from dp.wire import Command, Create, Get, Reply, Resolve, Value, decode_reply, encode
 
 READY_SECONDS = 120.0
@@ -51,7 +51,7 @@ class BenchOptions:
     rate: int = 1_000
     latency_seconds: float = 20.0
     spawn: int = 0
-    partitions: int = 8
+    partitions: int = DEFAULT_PARTITIONS
     progress: bool = True
     preload: int = 0
     restore: bool = False

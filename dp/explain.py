@@ -9,8 +9,8 @@ this walk does not recognise still gets a sentence of ours, never a library's.
 
 from __future__ import annotations
 
-import base64
 import json
+import re
 from typing import Any, Final
 
 from msgspec import inspect
@@ -26,6 +26,9 @@ _KINDS: Final[dict[type, str]] = {
 }
 
 
+_BASE64: Final = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
 def malformed_json(data: bytes) -> str:
     """Why `data` is not a JSON document."""
     try:
@@ -33,33 +36,74 @@ def malformed_json(data: bytes) -> str:
     except UnicodeDecodeError as error:
         return f"not valid JSON: not UTF-8 at byte {error.start}"
     try:
-        json.loads(text, parse_constant=_refuse_constant)
+        document = _parse(text)
     except _NotJson:
         return "not valid JSON: NaN and Infinity are not JSON numbers"
     except RecursionError:
         return "not valid JSON: nested too deeply"
     except json.JSONDecodeError as error:
-        if error.pos >= len(text.rstrip()):
+        if not text[error.pos :].strip():
             return "not valid JSON: the text ends before the document does"
-        return f"not valid JSON at character {error.pos}"
+        return f"not valid JSON at byte {len(text[: error.pos].encode())}"
+    except ValueError:
+        return "not valid JSON"
+    if _has_lone_surrogate(document):
+        return "not valid JSON: a string holds an unpaired surrogate escape (\\ud800 to \\udfff)"
     return "not valid JSON"
+
+
+def invalid_document(data: bytes, target: Any) -> str:
+    """Why `data`, well-formed JSON, is not a `target` (a msgspec type: a struct or a tagged union)."""
+    try:
+        document = _parse(data.decode("utf-8"))
+    except (ValueError, RecursionError):  # msgspec can refuse the type before it reads the rest
+        return malformed_json(data)
+    return _problem(document, inspect.type_info(target), "") or "not a valid document: see docs/wire.md"
 
 
 class _NotJson(ValueError):
     """A constant the standard library accepts but JSON (and msgspec) does not."""
 
 
+class _Object(dict[str, Any]):
+    """A JSON object that remembers every value of a repeated key (msgspec checks each of them)."""
+
+    repeats: dict[str, list[Any]]
+
+    def occurrences(self, key: str) -> list[Any]:
+        return self.repeats.get(key) or [self[key]]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    found = _Object(pairs)
+    found.repeats = {}
+    if len(found) < len(pairs):
+        for key, value in pairs:
+            found.repeats.setdefault(key, []).append(value)
+    return found
+
+
 def _refuse_constant(name: str) -> Any:
     raise _NotJson(name)
 
 
-def invalid_document(data: bytes, target: Any) -> str:
-    """Why `data`, well-formed JSON, is not a `target` (a msgspec type: a struct or a tagged union)."""
-    try:
-        document = json.loads(data, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):  # msgspec can refuse the type before it reads the rest
-        return malformed_json(data)
-    return _problem(document, inspect.type_info(target), "") or "not a valid document: see docs/wire.md"
+def _bounded_int(digits: str) -> int:
+    """Integers past any 64-bit range read as just past it: Python refuses over 4,300 digits outright."""
+    return int(digits) if len(digits) < 40 else (-(2**64) if digits.startswith("-") else 2**64)
+
+
+def _parse(text: str) -> Any:
+    return json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int, object_pairs_hook=_object)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any(0xD800 <= ord(char) <= 0xDFFF for char in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
 
 
 def _problem(value: Any, expected: inspect.Type, path: str) -> str | None:
@@ -94,12 +138,12 @@ def _tagged(value: Any, options: tuple[inspect.StructType, ...], path: str) -> s
     listing = ", ".join(tags)
     if tag_field not in value:
         return _at(_join(path, tag_field), f"required, one of {listing}")
-    tag = value[tag_field]
-    if not isinstance(tag, str):
-        return _at(_join(path, tag_field), f"expected one of {listing}, got {_kind(tag)}")
-    if tag not in tags:
-        return _at(_join(path, tag_field), f"unknown {tag_field} {tag!r}, expected one of {listing}")
-    return _struct(value, tags[tag], path)
+    for tag in _occurrences(value, tag_field):
+        if not isinstance(tag, str):
+            return _at(_join(path, tag_field), f"expected one of {listing}, got {_kind(tag)}")
+        if tag not in tags:
+            return _at(_join(path, tag_field), f"unknown {tag_field} {tag!r}, expected one of {listing}")
+    return _struct(value, tags[_occurrences(value, tag_field)[0]], path)
 
 
 def _struct(value: Any, expected: inspect.StructType, path: str) -> str | None:
@@ -113,10 +157,15 @@ def _struct(value: Any, expected: inspect.StructType, path: str) -> str | None:
             if field.required:
                 return _at(where, f"required for {expected.tag}" if expected.tag else "required")
             continue
-        found = _problem(value[field.encode_name], field.type, where)
-        if found:
-            return found
+        for occurrence in _occurrences(value, field.encode_name):
+            found = _problem(occurrence, field.type, where)
+            if found:
+                return found
     return None
+
+
+def _occurrences(value: dict[str, Any], key: str) -> list[Any]:
+    return value.occurrences(key) if isinstance(value, _Object) else [value[key]]
 
 
 def _has_type(value: Any, expected: inspect.Type) -> bool:
@@ -129,7 +178,7 @@ def _has_type(value: Any, expected: inspect.Type) -> bool:
     if isinstance(expected, inspect.NoneType):
         return value is None
     if isinstance(expected, inspect.DictType | inspect.StructType):
-        return type(value) is dict
+        return isinstance(value, dict)
     return True
 
 
@@ -141,11 +190,8 @@ def _constraint(value: Any, expected: inspect.Type) -> str | None:
             return f"must be at most {expected.le}"
     if isinstance(expected, inspect.StrType) and expected.min_length and len(value) < expected.min_length:
         return "must not be empty" if expected.min_length == 1 else f"needs at least {expected.min_length} characters"
-    if isinstance(expected, inspect.BytesType):
-        try:
-            base64.b64decode(value, validate=True)
-        except ValueError:  # binascii.Error, or a character outside ASCII
-            return "not valid base64"
+    if isinstance(expected, inspect.BytesType) and not _BASE64.fullmatch(value):
+        return "not valid base64"
     return None
 
 
@@ -163,7 +209,7 @@ def _name(expected: inspect.Type) -> str:
 
 
 def _kind(value: Any) -> str:
-    return _KINDS.get(type(value), "a value")
+    return "an object" if isinstance(value, dict) else _KINDS.get(type(value), "a value")
 
 
 def _join(path: str, name: str) -> str:

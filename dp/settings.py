@@ -72,6 +72,8 @@ class Spec:
         raw = environ.get(self.env)
         if not raw:
             return self.default
+        if self.choices is not None and raw.upper() in self.choices:
+            raw = raw.upper()
         if self.choices is not None and raw not in self.choices:
             raise BadSetting(f"{self.env}={raw!r} is not one of {', '.join(self.choices)}: fix or unset it.")
         try:
@@ -196,27 +198,29 @@ class ProcessorSettings(Settings):
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type[Settings], title: str) -> None:
-    """One flag per setting of `cls` (its parts not included), defaulting to its environment variable,
-    then to its declared default."""
+    """One flag per setting of `cls` (its parts not included). A flag not given falls back, in
+    `from_flags`, to its environment variable, then to its declared default: a variable is read (and
+    refused when wrong) only by a command that uses it."""
     group = parser.add_argument_group(title)
     for spec in cls.specs():
-        try:
-            default = spec.read(os.environ)
-        except BadSetting as error:
-            parser.error(str(error))
         shown = "" if spec.default is None else f", default {spec.default}"
         group.add_argument(
             spec.flag,
             dest=spec.name,
             type=spec.parse,
-            default=default,
+            default=None,
             choices=spec.choices,
             help=f"{spec.help} (env {spec.env}{shown})",
         )
 
 
 def from_flags(cls: type[S], args: argparse.Namespace) -> S:
-    """The settings object whose flags `add_flags` declared, parts included."""
-    values = {spec.field: getattr(args, spec.name) for spec in cls.specs()}
+    """The settings object whose flags `add_flags` declared, parts included; BadSetting names a wrong
+    environment variable."""
+    values = {spec.field: _given_or_env(spec, getattr(args, spec.name)) for spec in cls.specs()}
     parts = {name: from_flags(part, args) for name, part in cls.parts().items()}
     return cls(**values, **parts)
+
+
+def _given_or_env(spec: Spec, given: Any) -> Any:
+    return spec.read(os.environ) if given is None else given

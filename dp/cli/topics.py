@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags, kafka_from, topics_from
-from dp.topics import all_topics, check_configs, check_topics, create_topics
+from dp.topics import DEFAULT_PARTITIONS, all_topics, check_configs, check_topics, create_topics
 
 
 def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
@@ -21,7 +21,7 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
         "--partitions",
         type=int,
         default=None,
-        help="partitions of every topic (default: the existing count, else 8); fixed for life",
+        help=f"partitions of every topic (default: the existing count, else {DEFAULT_PARTITIONS}); fixed for life",
     )
     create.add_argument("--replication-factor", type=int, default=1, help="default %(default)s")
     add_connection_flags(create)

@@ -63,6 +63,16 @@ def test_flags_default_to_the_environment_and_build_the_same_object(monkeypatch:
     assert settings.limits.max_record_bytes == ProcessorSettings.max_record_bytes
 
 
+def test_a_bad_variable_concerns_only_the_commands_that_read_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DP_MAX_BATCH", "lots")
+    monkeypatch.setenv("DP_LOG_LEVEL", "info")  # any case will do
+    args = parser_for(Kafka, Topics, ProcessorSettings).parse_args([])
+    assert from_flags(Kafka, args) == Kafka()
+    with pytest.raises(BadSetting, match="DP_MAX_BATCH='lots' is not a whole number"):
+        from_flags(ProcessorSettings, args)
+    assert ProcessorSettings.from_env({"DP_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+
+
 def test_a_flag_refuses_a_value_of_the_wrong_kind() -> None:
     with pytest.raises(argparse.ArgumentError, match="invalid int value"):
         parser_for(ProcessorSettings).parse_args(["--max-batch", "many"])

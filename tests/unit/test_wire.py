@@ -170,9 +170,9 @@ ONE_MIB = 1024 * 1024
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"not json", "not valid JSON at character 0"),
+        (b"not json", "not valid JSON at byte 0"),
         (b"", "not valid JSON: the text ends before the document does"),
-        (b'{"op":"get","id":"x"} trailing', "not valid JSON at character 22"),
+        (b'{"op":"get","id":"x"} trailing', "not valid JSON at byte 22"),
         (b'{"op":"get","id":"\xff"}', "not valid JSON: not UTF-8 at byte 18"),
         (b'{"a":' * 10_000, "not valid JSON: nested too deeply"),
         (b"[1, 2]", "not a JSON object: got an array"),
@@ -211,6 +211,18 @@ ONE_MIB = 1024 * 1024
         ),
         (b" " * (ONE_MIB + 1), "record is 1048577 bytes, over the limit of 1048576"),
         (b'{"op":"get","id":NaN}', "not valid JSON: NaN and Infinity are not JSON numbers"),
+        (b'{"op":"create","id":"a","timeout":' + b"1" * 5000 + b"}", "`timeout`: must be at most 9223372036854775807"),
+        (b'{"op":"get","id":"a","x":' + b"1" * 5000 + b",}", "not valid JSON at byte 5026"),
+        (b'{"op":"create","id":"a","timeout":1,"param":{"data":"YWJj="}}', "`param.data`: not valid base64"),
+        (
+            b'{"op":"zzz","op":"get","id":"a"}',
+            "`op`: unknown op 'zzz', expected one of create, resolve, reject, cancel, get",
+        ),
+        (b'{"op":"get","id":5,"id":"a"}', "`id`: expected a string, got a number"),
+        (
+            b'{"op":"get","id":"\\ud800"}',
+            "not valid JSON: a string holds an unpaired surrogate escape (\\ud800 to \\udfff)",
+        ),
         (b'{"op":"get","id":"x","replyTo":[]}', "`replyTo`: expected a string or null, got an array"),
         (
             b'{"op":"reject","id":"x","value":{"headers":{"a":null}}}',
