@@ -157,6 +157,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partition %d: closed", tp.partition)
         assert error is not None, "a writer ends on its own only by failing"
         failure = classify(error)
+        self.reply_topics.expire()
         if failure is Failure.FENCED:
             log.warning("partition %d: fenced by a newer owner; waiting for the rebalance", tp.partition)
         elif failure is Failure.FATAL:

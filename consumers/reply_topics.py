@@ -52,6 +52,10 @@ class ReplyTopics(Mapping[str, TopicInfo]):
     async def close(self) -> None:
         await self._admin.close()
 
+    def expire(self) -> None:
+        """Make the next batch reload everything: a publish failed, perhaps on a topic that is gone."""
+        self._refreshed = float("-inf")
+
     @property
     def stale(self) -> bool:
         return time.monotonic() - self._refreshed > REFRESH_S

@@ -21,6 +21,7 @@ def test_a_stale_lock_is_refused_with_the_command_that_fixes_it(tmp_path: Path) 
 
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "scripts/setup: uv.lock does not match pyproject.toml: run scripts/uv lock, then commit uv.lock."
+        "scripts/setup: uv.lock does not match pyproject.toml (uv's words above): run scripts/uv lock, then commit "
+        "uv.lock."
     )
     assert not (tmp_path / ".venv").exists()
