@@ -20,7 +20,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from dp import kafka as clients
 from dp.settings import Kafka, Topics
-from dp.topics import all_topics, create_topics, partition_counts
+from dp.topics import all_topics, create_topics, partition_counts, wait_until_ready
 from dp.wire import decode_event, decode_promise
 from tests.support import TEST_PARTITIONS, ServeProcess, complete, create, unique
 from tests.wire_client import WireClient, read_topic
@@ -31,6 +31,7 @@ HOUR_MS = 3_600_000
 async def make_topic(kafka: Kafka, name: str, partitions: int = 2, **configs: str) -> None:
     async with clients.started(kafka, clients.admin(kafka)) as admin:
         await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
+        await wait_until_ready(admin, (name,))
 
 
 async def delete_topic(kafka: Kafka, name: str) -> None:

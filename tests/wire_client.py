@@ -116,13 +116,16 @@ async def read_topic(kafka: Kafka, topic: str, seconds: float = 60.0) -> list[Co
     )
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not consumer.partitions_for_topic(topic):  # a topic created a moment ago shows up soon
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"topic {topic} has no partitions in the metadata after {seconds}s")
+            await consumer._client.force_metadata_update()
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         records: dict[TopicPartition, list[ConsumerRecord]] = defaultdict(list)
-        deadline = asyncio.get_running_loop().time() + seconds
         while any([await consumer.position(tp) < ends[tp] for tp in tps]):
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"could not read {topic} to its end within {seconds}s")
