@@ -31,8 +31,9 @@ OK = 0
 
 
 class ReplyTopics(Mapping[str, TopicInfo]):
-    """The topics commands may name, described. A lookup that misses sets `missed`; the writer then
-    refreshes and recomputes its batch, so a reply topic created a moment ago is found."""
+    """The topics commands may name, described. A lookup that misses counts in `misses` (a counter, not a
+    flag: writers share this object, and one writer's refresh must not hide another's miss); the writer
+    then settles and recomputes its batch, so a reply topic created a moment ago is found."""
 
     def __init__(self, kafka: Kafka, always: Iterable[str] = ()) -> None:
         self._admin = admin(kafka)
@@ -41,9 +42,11 @@ class ReplyTopics(Mapping[str, TopicInfo]):
         self._always = frozenset(always)
         self._tracked: set[str] = set(self._always)
         self._pending: set[str] = set()
+        self._unconfirmed: set[str] = set()
+        self._absent: set[str] = set()
         self._refreshed = float("-inf")
         self._lock = asyncio.Lock()
-        self.missed = False
+        self.misses = 0
 
     async def start(self) -> None:
         await self._admin.start()
@@ -51,6 +54,17 @@ class ReplyTopics(Mapping[str, TopicInfo]):
 
     async def close(self) -> None:
         await self._admin.close()
+
+    async def settle(self) -> bool:
+        """After a lookup missed: refresh if the rate limit allows, and when a missed name was never yet
+        looked for in the cluster's metadata, wait for the limit to allow it (under a second), so that a
+        topic created a moment ago is never refused as missing. True if anything was reloaded."""
+        if await self.refresh():
+            return True
+        if not self._unconfirmed:
+            return False
+        await asyncio.sleep(max(0.0, self._refreshed + MISS_REFRESH_S - time.monotonic()))
+        return await self.refresh()
 
     def expire(self) -> None:
         """Make the next batch reload everything: a publish failed, perhaps on a topic that is gone."""
@@ -70,7 +84,6 @@ class ReplyTopics(Mapping[str, TopicInfo]):
                 self._info.update(
                     (name, TopicInfo(self._metadata[name][0], *configs[name])) for name in pending if name in configs
                 )
-                self.missed = False
                 return True
             if not force and time.monotonic() - self._refreshed < MISS_REFRESH_S:
                 return False
@@ -90,9 +103,12 @@ class ReplyTopics(Mapping[str, TopicInfo]):
             self._info.update(
                 (name, TopicInfo(count, internal=True)) for name, (count, internal) in metadata.items() if internal
             )
+            if len(self._absent) > MAX_TRACKED:
+                self._absent.clear()
+            self._absent = (self._absent | self._unconfirmed) - metadata.keys()
+            self._unconfirmed.clear()
             self._refreshed = time.monotonic()
             self._pending.clear()
-            self.missed = False
             return True
 
     async def _describe(self, names: list[str]) -> dict[str, tuple[int, bool]]:
@@ -118,7 +134,9 @@ class ReplyTopics(Mapping[str, TopicInfo]):
                 self._tracked.add(topic)
             if topic in self._metadata:
                 self._pending.add(topic)
-            self.missed = True
+            elif topic not in self._absent:
+                self._unconfirmed.add(topic)
+            self.misses += 1
             raise
 
     def __iter__(self) -> Iterator[str]:

@@ -269,8 +269,10 @@ class PartitionWriter:
         refusals: Mapping[int, str | None] | None = None,
     ) -> None:
         assert self.store is not None
+        misses = reply_topics.misses
         effects = apply_batch(self.route, self.store.get, records, due, now, reply_topics, refusals)
-        if reply_topics.missed and await reply_topics.refresh():
+        if reply_topics.misses != misses:  # a topic not known yet: learn it (or that it is missing), recompute
+            await reply_topics.settle()
             effects = apply_batch(self.route, self.store.get, records, due, now, reply_topics, refusals)
         next_offset = records[-1].offset + 1 if records else None
         if next_offset is not None:

@@ -39,10 +39,13 @@ class Record:
 class Topics_(dict[str, TopicInfo]):
     """ReplyTopics without a broker: always fresh, never missing."""
 
-    missed = False
+    misses = 0
     stale = False
 
     async def refresh(self, *, force: bool = False) -> bool:
+        return False
+
+    async def settle(self) -> bool:
         return False
 
 
