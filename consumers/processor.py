@@ -45,7 +45,11 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, settings: ProcessorSettings) -> None:
         self.settings = settings
         self.consumer: AIOKafkaConsumer | None = None
-        self.reply_topics = ReplyTopics(settings.kafka, always=(settings.topics.replies, settings.topics.dlq))
+        topics = settings.topics
+        # The topics every batch writes, described from the start so that their batches respect their limits.
+        self.reply_topics = ReplyTopics(
+            settings.kafka, always=(topics.replies, topics.dlq, topics.events, topics.changelog)
+        )
         self.partitions = 0
         self.writers: dict[TopicPartition, PartitionWriter] = {}
         self.tasks: dict[TopicPartition, asyncio.Task[None]] = {}

@@ -13,11 +13,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
 from consumers.effects import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, TopicInfo
 from dp.kafka import admin
 from dp.settings import Kafka
+from dp.topics import topic_configs
 
 # A topic deleted, created or reconfigured is noticed within this, even when nothing misses.
 REFRESH_S: Final = 10.0
@@ -26,7 +25,7 @@ REFRESH_S: Final = 10.0
 MISS_REFRESH_S: Final = 1.0
 # Topics whose configuration is tracked (those commands named); hostile input cannot grow it past this.
 MAX_TRACKED: Final = 10_000
-CONFIGS: Final = {"max.message.bytes": None, "cleanup.policy": None}
+CONFIGS: Final = ("max.message.bytes", "cleanup.policy")
 OK = 0
 
 
@@ -113,18 +112,17 @@ class ReplyTopics(Mapping[str, TopicInfo]):
 
     async def _describe(self, names: list[str]) -> dict[str, tuple[int, bool]]:
         """(max.message.bytes, compacted) of each topic that still exists."""
-        if not names:
-            return {}
-        resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict(CONFIGS)) for name in names]
-        found: dict[str, tuple[int, bool]] = {}
-        for response in await self._admin.describe_configs(resources):
-            for resource in response.to_object()["resources"]:
-                if resource["error_code"] != OK:
-                    continue
-                entries = {entry["config_names"]: entry["config_value"] for entry in resource["config_entries"]}
-                limit = int(entries.get("max.message.bytes") or KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
-                found[resource["resource_name"]] = (limit, "compact" in (entries.get("cleanup.policy") or ""))
-        return found
+        return {
+            name: (
+                int(entries.get("max.message.bytes") or KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
+                "compact" in (entries.get("cleanup.policy") or ""),
+            )
+            for name, entries in (await topic_configs(self._admin, names, CONFIGS)).items()
+        }
+
+    def limits(self) -> dict[str, int]:
+        """max.message.bytes of every known topic (a read that counts no miss)."""
+        return {name: info.max_message_bytes for name, info in self._info.items()}
 
     def __getitem__(self, topic: str) -> TopicInfo:
         try:

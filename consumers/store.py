@@ -142,16 +142,15 @@ class PartitionStore:
         self,
         records: Iterable[tuple[Promise, bytes]],
         changelog_offset: int,
-        command_offset: int | None,
+        command_offset: int,
         now: int,
     ) -> None:
         """Write a committed batch's records (with their encodings), index entries and offsets, atomically."""
         batch = WriteBatch(raw_mode=True)
         for promise, value in records:
             stage(batch, promise.id, value, promise)
-        if command_offset is not None:
-            batch.put(COMMAND_OFFSET, OFFSET.pack(command_offset))
-            batch.put(LAST_NOW, OFFSET.pack(now))
+        batch.put(COMMAND_OFFSET, OFFSET.pack(command_offset))
+        batch.put(LAST_NOW, OFFSET.pack(now))
         batch.put(CHANGELOG_OFFSET, OFFSET.pack(changelog_offset))
         self._db.write(batch)
 

@@ -140,12 +140,12 @@ class PartitionWriter:
         """The next batch: at most `max_batch` records and about `max_batch_bytes` (at least one record)."""
         size = count = 0
         for record in self._queue[: self.max_batch]:
-            size += len(record.value or b"")
-            if count and size > self.max_batch_bytes:
+            length = len(record.value or b"")
+            if count and size + length > self.max_batch_bytes:
                 break
-            count += 1
+            size, count = size + length, count + 1
         taken, self._queue = self._queue[:count], self._queue[count:]
-        self._queued_bytes -= sum(len(record.value or b"") for record in taken)
+        self._queued_bytes -= size
         return taken
 
     def stop(self) -> None:
@@ -274,21 +274,18 @@ class PartitionWriter:
         if reply_topics.misses != misses:  # a topic not known yet: learn it (or that it is missing), recompute
             await reply_topics.settle()
             effects = apply_batch(self.route, self.store.get, records, due, now, reply_topics, refusals)
-        next_offset = records[-1].offset + 1 if records else None
-        if next_offset is not None:
-            progress = Outgoing(
-                self.route.topics.changelog, self.route.partition, PROGRESS_KEY, progress_record(next_offset, now)
-            )
-            effects.messages.append(progress)
-        limits = {topic: reply_topics[topic].max_message_bytes for topic in {m.topic for m in effects.messages}
-                  if topic in reply_topics}  # fmt: skip
-        changelog_end = await self.publish(effects, next_offset, limits)
+        # Every transaction carries the partition's offset and a progress record, timer-only ones too (I1):
+        # they re-commit the current offset, and record `now`, so a new owner's clock never runs back.
+        next_offset = records[-1].offset + 1 if records else self.next_offset
+        effects.messages.append(
+            Outgoing(self.route.topics.changelog, self.route.partition, PROGRESS_KEY, progress_record(next_offset, now))
+        )
+        changelog_end = await self.publish(effects, next_offset, reply_topics.limits())
         self.store.write(effects.persist, changelog_end, next_offset, now)
-        if next_offset is not None:
-            self.next_offset = next_offset
+        self.next_offset = next_offset
         self.next_deadline = self.store.next_deadline()
 
-    async def publish(self, effects: Effects, next_offset: int | None, limits: Mapping[str, int]) -> int:
+    async def publish(self, effects: Effects, next_offset: int, limits: Mapping[str, int]) -> int:
         """One transaction: every message plus the consumer offset, all or nothing. Returns the changelog's
         next offset, as far as this partition's own changelog records reach."""
         assert self.store is not None
@@ -303,8 +300,7 @@ class PartitionWriter:
                            for (topic, partition), batch in batches]  # fmt: skip
                 outcomes = await asyncio.gather(*futures, return_exceptions=True)
                 refused_sends(batches, outcomes)
-                if next_offset is not None:
-                    await producer.send_offsets_to_transaction({self.source: next_offset}, self.group)
+                await producer.send_offsets_to_transaction({self.source: next_offset}, self.group)
                 await producer.commit_transaction()
         except BaseException:
             self.producer = None  # never reused after a failure: its next commit could carry aborted records

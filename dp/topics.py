@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka.admin import NewTopic
@@ -131,21 +132,28 @@ async def check_topics(kafka: Kafka, topics: Topics) -> int:
     return counts[topics.commands]
 
 
+async def topic_configs(admin: Any, names: Iterable[str], keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """The asked configuration `keys` of each topic among `names` that exists, in one request."""
+    wanted = dict.fromkeys(keys)
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict(wanted)) for name in names]
+    if not resources:
+        return {}
+    return {
+        resource["resource_name"]: {
+            entry["config_names"]: entry["config_value"] for entry in resource["config_entries"]
+        }
+        for response in await admin.describe_configs(resources)
+        for resource in response.to_object()["resources"]
+        if resource["error_code"] == 0
+    }
+
+
 async def check_configs(kafka: Kafka, topics: Topics) -> None:
     """TopicsProblem unless every topic is configured as the processor needs: broker timestamps, room for
     the largest record dp writes, and a compacted changelog. The sentence names the command that fixes it."""
     names = all_topics(topics)
-    keys = {"max.message.bytes": None, "message.timestamp.type": None, "cleanup.policy": None}
-    resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict(keys)) for name in names]
     async with clients.started(kafka, clients.admin(kafka)) as admin:
-        responses = await admin.describe_configs(resources)
-    actual = {
-        resource["resource_name"]: {
-            entry["config_names"]: entry["config_value"] for entry in resource["config_entries"]
-        }
-        for response in responses
-        for resource in response.to_object()["resources"]
-    }
+        actual = await topic_configs(admin, names, ("max.message.bytes", "message.timestamp.type", "cleanup.policy"))
     problems = [problem for name in names for problem in _config_problems(topics, name, actual.get(name, {}))]
     if problems:
         raise TopicsProblem(

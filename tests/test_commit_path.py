@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -21,11 +22,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from dp import kafka as clients
 from dp.settings import Kafka, Topics
 from dp.topics import all_topics, create_topics, partition_counts, wait_until_ready
-from dp.wire import decode_event, decode_promise
-from tests.support import TEST_PARTITIONS, ServeProcess, complete, create, unique
+from dp.wire import decode_event, decode_promise, decode_reply
+from tests.support import LONG, TEST_PARTITIONS, ServeProcess, complete, create, unique
 from tests.wire_client import WireClient, read_topic
-
-HOUR_MS = 3_600_000
 
 
 async def make_topic(kafka: Kafka, name: str, partitions: int = 2, **configs: str) -> None:
@@ -129,10 +128,10 @@ async def test_a_processor_clock_hours_ahead_still_answers_every_command(
 ) -> None:
     mine = unique("t-mine")  # a client's reply topic with Kafka's defaults: CreateTime, so the skew shows there
     await make_topic(kafka, mine)
-    spawn(clock_offset_ms=2 * HOUR_MS)
+    spawn(clock_offset_ms=2 * LONG)
     ids = [unique("c") for _ in range(5)]
     async with WireClient(kafka, topics) as client:
-        plain = await client.send_all([create(i, timeout=int(time.time() * 1000) + 4 * HOUR_MS) for i in ids])
+        plain = await client.send_all([create(i, timeout=int(time.time() * 1000) + 4 * LONG) for i in ids])
         pointed = await client.send({**create(unique("d")), "replyTo": mine})
         replies = await client.wait_for([*plain, pointed])
     assert {replies[r].status for r in plain} == {"created"}
@@ -178,6 +177,39 @@ async def test_a_data_dir_older_than_the_topics_is_wiped_and_no_command_goes_una
         replies = await client.wait_for(await client.send_all([create(i) for i in fresh]), seconds=90)
     assert {reply.status for reply in replies.values()} == {"created"}
     assert "wiping" in processor.log.read_text()
+
+
+@pytest.mark.slow
+async def test_kill_9_while_refused_records_are_replayed_one_by_one_loses_and_duplicates_nothing(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]
+) -> None:
+    """The worst moments of the isolation path: a transaction aborted for a refused record, the batch
+    replayed a command at a time, a kill -9 somewhere in there, and a new owner taking over."""
+    mine = unique("t-mine")  # CreateTime: every reply the skewed processors send here is refused by Kafka
+    await make_topic(kafka, mine)
+    victim = spawn("a", clock_offset_ms=2 * LONG)
+    ids = [unique("k") for _ in range(400)]
+    commands = [
+        {**create(i, timeout=int(time.time() * 1000) + 4 * LONG), **({"replyTo": mine} if n % 4 == 0 else {})}
+        for n, i in enumerate(ids)
+    ]
+    async with WireClient(kafka, topics) as client:
+        sent = await client.send_all(commands)
+        while sum(1 for r in sent if client.replies.get(r)) < len(sent) // 4:  # noqa: ASYNC110 - replies in flight
+            await asyncio.sleep(0.01)
+        victim.kill()
+        spawn("b", clock_offset_ms=2 * LONG)
+        replies = await client.wait_for(sent, seconds=120)
+    assert "one at a time" in victim.log.read_text()
+    pointed = {r for r, command in zip(sent, commands, strict=True) if "replyTo" in command}
+    assert {replies[r].status for r in pointed} == {"invalid"}
+    assert {replies[r].status for r in sent if r not in pointed} == {"created"}
+    answers = Counter(decode_reply(record.value).request_id for record in await read_topic(kafka, topics.replies))
+    assert [r for r in sent if answers[r] != 1] == []  # each answered exactly once, across the kill
+    events = Counter(decode_event(record.value).promise.id for record in await read_topic(kafka, topics.events))
+    created = {i for i, command in zip(ids, commands, strict=True) if "replyTo" not in command}
+    assert events == Counter(created)  # one `created` each, none for a refused command
+    assert len(await read_topic(kafka, topics.dlq)) == len(pointed)
 
 
 @pytest.mark.slow

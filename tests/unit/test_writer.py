@@ -48,6 +48,9 @@ class Topics_(dict[str, TopicInfo]):
     async def settle(self) -> bool:
         return False
 
+    def limits(self) -> dict[str, int]:
+        return {name: info.max_message_bytes for name, info in self.items()}
+
 
 @dataclass
 class Producer:
