@@ -10,7 +10,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
@@ -94,8 +94,16 @@ def create(offset: int, promise_id: str, request_id: str) -> Record:
     return Record(offset, promise_id.encode(), json.dumps(command).encode())
 
 
+class Opened(NamedTuple):
+    writer: PartitionWriter
+    made: list[Producer]
+    """The producers the writer created, in order."""
+    scripts: list[list[BaseException | None]]
+    """What each next producer's sends answer: an exception, or None for success."""
+
+
 @pytest.fixture
-def opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[PartitionWriter, list[Producer]]:
+def opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Opened:
     """A writer over a real store whose producers are stand-ins; each new producer takes the next script."""
     made: list[Producer] = []
     scripts: list[list[BaseException | None]] = []
@@ -108,18 +116,17 @@ def opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[PartitionWr
     route = Route(0, PARTITIONS, TOPICS, DEFAULT_LIMITS)
     writer = PartitionWriter(Kafka(), "g", route, tmp_path, max_batch=100, max_batch_bytes=1 << 20)
     writer.store = PartitionStore(tmp_path / "store")
-    writer.scripts = scripts  # type: ignore[attr-defined]
-    return writer, made
+    return Opened(writer, made, scripts)
 
 
 TOPIC_INFO = Topics_({TOPICS.replies: TopicInfo(1), TOPICS.dlq: TopicInfo(1), "other": TopicInfo(1)})
 
 
 async def test_a_failed_send_aborts_commits_nothing_and_leaves_rocksdb_untouched(
-    opened: tuple[PartitionWriter, list[Producer]],
+    opened: Opened,
 ) -> None:
-    writer, made = opened
-    writer.scripts.append([NotLeaderForPartitionError()])  # type: ignore[attr-defined]
+    writer, made, scripts = opened
+    scripts.append([NotLeaderForPartitionError()])
     with pytest.raises(NotLeaderForPartitionError):
         await writer.run_batch([create(0, "a", "r1")], 1_000, TOPIC_INFO)  # type: ignore[arg-type]
     (producer,) = made
@@ -130,9 +137,9 @@ async def test_a_failed_send_aborts_commits_nothing_and_leaves_rocksdb_untouched
 
 
 async def test_a_record_kafka_refuses_is_refused_alone_and_the_rest_commits(
-    opened: tuple[PartitionWriter, list[Producer]], monkeypatch: pytest.MonkeyPatch
+    opened: Opened, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    writer, made = opened
+    writer, made, scripts = opened
     published: list[list[Any]] = []
     original = writer_module.batched
 
@@ -143,8 +150,7 @@ async def test_a_record_kafka_refuses_is_refused_alone_and_the_rest_commits(
     monkeypatch.setattr(writer_module, "batched", spy)
     # The batch's first send is refused; replayed singly, "a" commits (its event, reply and changelog
     # sends), "b"'s first send is refused again, and b's refusal commits on a third producer.
-    scripts = [[MessageSizeTooLargeError()], [None, None, None, MessageSizeTooLargeError()], []]
-    writer.scripts.extend(scripts)  # type: ignore[attr-defined]
+    scripts.extend([[MessageSizeTooLargeError()], [None, None, None, MessageSizeTooLargeError()], []])
     await writer.run_batch([create(0, "a", "r1"), create(1, "b", "r2")], 1_000, TOPIC_INFO)  # type: ignore[arg-type]
     assert writer.store is not None and set(writer.store.records()) == {"a"}
     assert writer.next_offset == 2
