@@ -1,10 +1,10 @@
-"""`dp serve`: the partition processor. One consumer group member; one single writer per owned partition.
+"""`dp serve`: the partition processor. One consumer group member, one committer, a store per partition.
 
-The fetch loop hands each owned partition's records to that partition's writer, which runs as its
-own task (`consumers/writer.py`): partitions commit independently and fire their own timeouts. A
-newly assigned partition stays paused until its writer has fenced the previous owner, restored its
-store and sought to the committed offset; a revoked one first lets its writer finish the batch in
-flight. A writer that fails is replaced by a fresh one that starts again from Kafka's truth.
+The fetch loop hands each open partition's records to it (`consumers/partition.py`) and wakes the
+committer (`consumers/committer.py`), which commits the work of every partition in one transaction
+per cycle. A newly assigned partition stays paused while it opens (I5's wait, restore, seek); a
+revocation first lets the transaction in flight end. A failed transaction's partitions are reopened
+from Kafka's truth after a backoff that depends on what failed.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ from collections.abc import Iterable, Mapping
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from consumers.committer import PUBLISH_TIMEOUT_S, Committer
 from consumers.effects import Route
 from consumers.failures import Failure, classify
+from consumers.kip447 import assignment_of
+from consumers.partition import Partition
 from consumers.reply_topics import ReplyTopics
-from consumers.writer import PartitionWriter
+from consumers.store import DataDir
 from dp.errors import BrokerUnreachable
 from dp.kafka import command_consumer
 from dp.settings import ProcessorSettings
@@ -31,57 +34,74 @@ log = logging.getLogger("dp.processor")
 
 IDLE_POLL_MS = 100
 RETRY_BACKOFF_S = (0.5, 1, 2, 5, 10)
-# How long a failed writer's partition waits before a fresh writer opens it. After being fenced, only
-# if no rebalance took the partition away within a session timeout: then the group still says it is
-# ours and whoever fenced us was the stale one. A fatal failure retries rarely, and loudly.
+# How long a partition waits after a failure before it opens again. When the group refused our offsets,
+# a rebalance is on its way and will revoke the partition, or give it back: wait for it rather than
+# spin. A fatal failure retries rarely, and loudly.
 REOPEN_S = {Failure.FENCED: 15.0, Failure.RETRIABLE: 0.5, Failure.POISON: 0.5, Failure.FATAL: 30.0}
-# A revoked or stopping writer gets this long to finish its batch before it is abandoned.
-STOP_WRITER_S = 20.0
+# The transaction in flight gets this long to end when its partitions are revoked or the process stops.
+HOLD_S = PUBLISH_TIMEOUT_S + 2
 
 
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
-    """The fetch loop and the supervisor of this process's partition writers."""
+    """The fetch loop, the supervisor of this process's partitions, and the listener of the group."""
 
     def __init__(self, settings: ProcessorSettings) -> None:
         self.settings = settings
         self.consumer: AIOKafkaConsumer | None = None
+        self.committer: Committer | None = None
         topics = settings.topics
-        # The topics every batch writes, described from the start so that their batches respect their limits.
+        # The topics every transaction writes, described from the start so that their batches respect their limits.
         self.reply_topics = ReplyTopics(
             settings.kafka, always=(topics.replies, topics.dlq, topics.events, topics.changelog)
         )
-        self.partitions = 0
-        self.writers: dict[TopicPartition, PartitionWriter] = {}
-        self.tasks: dict[TopicPartition, asyncio.Task[None]] = {}
+        self.partition_count = 0
+        self.data_dir: DataDir | None = None
+        self.partitions: dict[TopicPartition, Partition] = {}
+        """Every assigned partition: open, opening, or waiting to open again."""
+        self.opening: dict[TopicPartition, asyncio.Task[None]] = {}
         self.waiting: dict[TopicPartition, float] = {}
         self.stopping = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until `stop()` (SIGTERM/SIGINT): finish the batches in flight, close stores, return."""
-        self.partitions = await self.wait_for_topics()
-        await self.reply_topics.start()
-        self.consumer = command_consumer(self.settings.kafka, self.settings.group)
-        self.consumer.subscribe([self.settings.topics.commands], listener=self)
-        await self.consumer.start()
-        log.info(
-            "serving group %r on %s (%d partitions)",
-            self.settings.group,
-            self.settings.kafka.bootstrap_servers,
-            self.partitions,
-        )
+        """Serve until `stop()` (SIGTERM/SIGINT): end the transaction in flight, close stores, return."""
+        self.partition_count = await self.wait_for_topics()
+        self.data_dir = DataDir(self.settings.data_dir, self.settings.group)
+        settings = self.settings
+        committer_task: asyncio.Task[None] | None = None
         try:
+            await self.reply_topics.start()
+            self.committer = Committer(
+                settings.kafka, self.data_dir, self.reply_topics, settings.max_batch, settings.max_batch_bytes,
+                on_failure=self.failed,
+            )  # fmt: skip
+            committer_task = asyncio.create_task(self.committer.run())
+            self.consumer = command_consumer(settings.kafka, settings.group)
+            self.consumer.subscribe([settings.topics.commands], listener=self)
+            await self.consumer.start()
+            log.info("serving group %r on %s (%d partitions, transactional id %r)", settings.group,
+                     settings.kafka.bootstrap_servers, self.partition_count,
+                     self.data_dir.transactional_id)  # fmt: skip
             while not self.stopping.is_set():
-                self.supervise()
-                batches = await self.consumer.getmany(timeout_ms=IDLE_POLL_MS, max_records=self.settings.max_batch)
+                self.supervise(committer_task)
+                batches = await self.consumer.getmany(timeout_ms=IDLE_POLL_MS, max_records=settings.max_batch)
                 self.dispatch(batches)
         finally:
-            await self.consumer.stop()
-            for tp in list(self.writers):
-                await self.stop_writer(tp)
+            if self.committer is not None:
+                await self.committer.hold(HOLD_S)
+            await self.close(list(self.partitions))
+            if committer_task is not None:
+                committer_task.cancel()
+                await asyncio.gather(committer_task, return_exceptions=True)
+            if self.committer is not None:
+                await self.committer.close()
+            if self.consumer is not None:
+                await self.consumer.stop()
             await self.reply_topics.close()
-            log.info("stopped")
+            self.data_dir.release()
+            transactions = self.committer.transactions if self.committer is not None else 0
+            log.info("stopped after %d transactions", transactions)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -106,86 +126,103 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     # --- rebalancing (called by aiokafka's coordinator) -------------------------------------
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        for tp in revoked:
-            self.waiting.pop(tp, None)
-            await self.stop_writer(tp)
+        """The transaction in flight ends before the process rejoins (I2); then the partitions close."""
+        if self.committer is not None:
+            await self.committer.hold(HOLD_S)
+            self.committer.group = None
+        await self.close(list(revoked))
+        if self.committer is not None:
+            self.committer.resume()
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        assert self.consumer is not None
-        fresh = [tp for tp in assigned if tp not in self.writers]
+        """Capture the generation the transactions will carry (I2), and open the new partitions."""
+        assert self.consumer is not None and self.committer is not None
+        self.committer.group = assignment_of(self.consumer, self.settings.group)
+        self.committer.resume()
+        fresh = [tp for tp in assigned if tp not in self.partitions]
         self.consumer.pause(*fresh)
         for tp in fresh:
+            self.partitions[tp] = self.new_partition(tp)
             self.waiting[tp] = 0.0
+
+    async def close(self, tps: list[TopicPartition]) -> None:
+        """Close partitions (the committer is held, or has no transaction of theirs in flight)."""
+        for tp in tps:
+            self.waiting.pop(tp, None)
+            task = self.opening.pop(tp, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            if self.committer is not None:
+                self.committer.release(tp)
+            partition = self.partitions.pop(tp, None)
+            if partition is not None:
+                partition.close()
+                log.info("partition %d: closed", tp.partition)
 
     # --- supervision ------------------------------------------------------------------------
 
-    def dispatch(self, batches: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
-        """Hand fetched records to their writers; records of a partition without an open writer are
-        dropped (it is paused, and its writer seeks to the committed offset when it opens)."""
-        assert self.consumer is not None
-        for tp, records in batches.items():
-            writer = self.writers.get(tp)
-            if writer is not None and writer.accepting:
-                writer.offer(records, self.consumer)
+    def new_partition(self, tp: TopicPartition) -> Partition:
+        settings = self.settings
+        assert self.data_dir is not None
+        route = Route(tp.partition, self.partition_count, settings.topics, settings.limits, settings.reply_prefixes)
+        return Partition(settings.kafka, self.data_dir, route, settings.max_batch, settings.max_batch_bytes)
 
-    def supervise(self) -> None:
-        """Replace writers that failed, and start writers for assigned partitions whose time has come."""
-        assert self.consumer is not None
-        for tp, task in list(self.tasks.items()):
-            if task.done():
-                self.reap(tp, task)
+    def dispatch(self, batches: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Hand fetched records to their open partitions and wake the committer; records of a partition that
+        is not open are dropped (it is paused, and it seeks to the committed offset when it opens)."""
+        assert self.consumer is not None and self.committer is not None
+        open_partitions = self.committer.partitions
+        for tp, records in batches.items():
+            partition = open_partitions.get(tp)
+            if partition is not None:
+                partition.offer(records, self.consumer)
+        if batches:
+            self.committer.wake()
+
+    def supervise(self, committer_task: asyncio.Task[None]) -> None:
+        """Adopt partitions that opened, retry those that failed to, and open those whose time has come."""
+        assert self.consumer is not None and self.committer is not None
+        if committer_task.done():
+            raise RuntimeError("the committer stopped") from committer_task.exception()
+        for tp, task in list(self.opening.items()):
+            if not task.done():
+                continue
+            del self.opening[tp]
+            partition = self.partitions[tp]
+            if (error := task.exception()) is not None:
+                self.failed([partition], error)
+                continue
+            log.info("partition %d: open (restored %d records, commands from offset %d)",
+                     tp.partition, partition.restored, partition.next_offset)  # fmt: skip
+            self.committer.adopt(partition)
+            self.consumer.resume(tp)
         now = time.monotonic()
         for tp, not_before in list(self.waiting.items()):
             if now >= not_before:
                 del self.waiting[tp]
-                self.start_writer(tp)
+                self.opening[tp] = asyncio.create_task(self.partitions[tp].open(self.consumer))
 
-    def start_writer(self, tp: TopicPartition) -> None:
-        assert self.consumer is not None
-        settings = self.settings
-        route = Route(tp.partition, self.partitions, settings.topics, settings.limits, settings.reply_prefixes)
-        writer = PartitionWriter(
-            settings.kafka, settings.group, route, settings.data_dir, settings.max_batch, settings.max_batch_bytes
-        )
-        self.writers[tp] = writer
-        self.tasks[tp] = asyncio.create_task(writer.run(self.consumer, self.reply_topics))
-
-    def reap(self, tp: TopicPartition, task: asyncio.Task[None]) -> None:
-        """A writer ended on an error: its batch did not commit. Reopen it from Kafka's truth, unless
-        it was fenced: then another process owns the partition now, and we wait for the rebalance
-        that revokes it rather than fence the new owner back."""
-        assert self.consumer is not None
-        del self.tasks[tp], self.writers[tp]
-        error = task.exception()
-        self.consumer.pause(tp)
-        log.info("partition %d: closed", tp.partition)
-        assert error is not None, "a writer ends on its own only by failing"
+    def failed(self, partitions: list[Partition], error: BaseException) -> None:
+        """A transaction (or an opening) failed: nothing of it reached the stores. Reopen its partitions from
+        Kafka's truth after the failure's backoff; if the group refused the offsets, a rebalance is coming."""
+        assert self.consumer is not None and self.committer is not None
         failure = classify(error)
         self.reply_topics.expire()
-        if failure is Failure.FENCED:
-            log.warning("partition %d: fenced by a newer owner; waiting for the rebalance", tp.partition)
-        elif failure is Failure.FATAL:
-            log.error("partition %d: writer failed (%s); reopening in %.0fs", tp.partition, failure.value,
-                      REOPEN_S[failure], exc_info=error)  # fmt: skip
+        numbers = sorted(partition.route.partition for partition in partitions)
+        delay = REOPEN_S[failure]
+        if failure is Failure.FATAL:
+            log.error("partitions %s: %s; reopening in %.0fs", numbers, failure.value, delay, exc_info=error)
         else:
-            log.warning("partition %d: writer failed (%s: %s); reopening", tp.partition, failure.value, error)
-        self.waiting[tp] = time.monotonic() + REOPEN_S[failure]
-
-    async def stop_writer(self, tp: TopicPartition) -> None:
-        """Let the writer finish its batch in flight, then close it; a writer stuck past STOP_WRITER_S is
-        abandoned (cancelled: its transaction never commits, and the next owner's fencing aborts it)."""
-        writer, task = self.writers.pop(tp, None), self.tasks.pop(tp, None)
-        if writer is None or task is None:
-            return
-        writer.stop()
-        _, pending = await asyncio.wait([task], timeout=STOP_WRITER_S)
-        if pending:
-            log.warning("partition %d: writer did not finish within %.0fs; abandoning it", tp.partition, STOP_WRITER_S)
-            task.cancel()
-            await asyncio.wait([task], timeout=STOP_WRITER_S)
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: the writer is gone either way
-        log.info("partition %d: closed", tp.partition)
+            log.warning(
+                "partitions %s: %s (%s); reopening in %.1fs", numbers, failure.value, error or repr(error), delay
+            )
+        for partition in partitions:
+            tp = partition.source
+            self.committer.release(tp)
+            if tp in self.partitions:
+                self.consumer.pause(tp)
+                self.waiting[tp] = time.monotonic() + delay
 
 
 async def serve(settings: ProcessorSettings) -> None:

@@ -25,8 +25,11 @@ in between.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import struct
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
@@ -34,6 +37,7 @@ from typing import Final
 import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
+from dp.errors import DataDirInUse
 from dp.wire import Promise, decode_promise, encode
 
 RECORD = b"p"
@@ -66,6 +70,37 @@ def options() -> Options:
     # of MiB once large promises arrive; a quarter of that keeps memory bounded at little cost in flushes.
     opts.set_write_buffer_size(16 * 1024 * 1024)
     return opts
+
+
+class DataDir:
+    """A processor's claim on `root/group`: its partitions' stores and the identity of its transactions.
+
+    The transactional id is stable per data dir (a name drawn once and kept in the dir), so a restarted
+    processor's producer aborts its previous incarnation's open transaction at once; a lock held for the
+    life of the process keeps two processors from sharing a dir, and so an id.
+    """
+
+    def __init__(self, root: Path, group: str) -> None:
+        self.path = root / group
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise DataDirInUse(self.path) from None
+        name = self.path / "transactional-id"
+        if not name.exists():
+            draft = name.with_suffix(".new")
+            draft.write_text(f"{group}-{uuid.uuid4().hex[:12]}\n")
+            draft.replace(name)
+        self.transactional_id = name.read_text().strip()
+
+    def partition_path(self, partition: int) -> Path:
+        return self.path / f"partition-{partition}"
+
+    def release(self) -> None:
+        os.close(self._lock)
 
 
 class RestoreFailed(Exception):

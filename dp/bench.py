@@ -5,7 +5,9 @@ processor's Kafka shape with nothing of ours in it) does not. Three phases, each
 replies received:
 
 * throughput: N promises created then resolved (2N commands) from several producer tasks, flat out;
-* latency: open loop at a fixed offered rate, send-to-reply time per command (HdrHistogram);
+* latency: open loop at each offered rate in turn, send-to-reply time per command (HdrHistogram), and
+  the transactions per second the processors committed meanwhile (from the changelog's progress
+  records): group commit trades one for the other, so a rate's latency reads with its transaction rate;
 * baseline: the throughput phase again through the raw pipe, on fresh topics.
 
 Without --spawn it targets the processors already serving the deployment's topics; with --spawn K
@@ -26,13 +28,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import msgspec
 from aiokafka import AIOKafkaProducer, TopicPartition
 from hdrh.histogram import HdrHistogram
 
 from dp import kafka as clients
+from dp.errors import DpError
 from dp.partitioning import partition_for
 from dp.settings import Kafka, Topics
 from dp.topics import DEFAULT_PARTITIONS, all_topics, check_topics, create_topics
@@ -48,7 +52,7 @@ class BenchOptions:
     topics: Topics
     promises: int = 50_000
     producers: int = 4
-    rate: int = 1_000
+    rates: tuple[int, ...] = (1_000,)
     latency_seconds: float = 20.0
     spawn: int = 0
     partitions: int = DEFAULT_PARTITIONS
@@ -58,7 +62,23 @@ class BenchOptions:
 
 
 @dataclass
+class RateReport:
+    """The latency phase at one offered rate."""
+
+    offered_rate: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    commands: int
+    transactions_per_s: float
+
+
+@dataclass
 class Report:
+    """A run's figures; the top-level latency fields are those of the first offered rate (`rates[0]`)."""
+
     commands: int
     seconds: float
     throughput: float
@@ -77,6 +97,7 @@ class Report:
     preloaded_promises: int
     restore_seconds: float | None
     restored_records: int
+    rates: list[RateReport] = field(default_factory=list)
 
 
 # --- replies -------------------------------------------------------------------------------------
@@ -91,7 +112,7 @@ class Replies:
         self.count = 0
         self.ok = 0
         self.sent_at: dict[str, float] = {}
-        self.histogram = HdrHistogram(1, 120_000_000, 3)
+        self.histogram = new_histogram()
         self.changed = asyncio.Event()
         self._consumer = clients.reader(kafka, fetch_max_wait_ms=20)
         self._task: asyncio.Task[None] | None = None
@@ -143,6 +164,78 @@ class Replies:
             tick(self.count)
 
 
+def new_histogram() -> HdrHistogram:
+    """Send-to-reply times in microseconds, 1 µs to 120 s, 3 significant digits."""
+    return HdrHistogram(1, 120_000_000, 3)
+
+
+def epoch_ms() -> int:
+    """The wall clock in the unit of the brokers' LogAppendTime timestamps (same machine or NTP)."""
+    return time.time_ns() // 1_000_000
+
+
+# --- transactions ---------------------------------------------------------------------------------
+
+
+class ProgressTime(msgspec.Struct, frozen=True, gc=False):
+    """The `now` of a changelog progress record (`{"nextCommandOffset": N, "now": ms}` under the empty key,
+    written by consumers/store.py; dp/ may not import consumers/, so the one field is declared here)."""
+
+    now: int = 0
+
+
+decode_progress_time = msgspec.json.Decoder(ProgressTime).decode
+PROGRESS_KEY = b""
+
+
+class Transactions:
+    """Counts the transactions the processors committed during a phase, from the changelog's progress records.
+
+    Every transaction writes one progress record per partition it touched, all with the transaction's
+    `now` (the processor's clock in ms), so distinct `now` values count transactions per
+    process-millisecond: two transactions of one process in the same millisecond, or of two processes
+    in the same millisecond, count once. Records are windowed by their LogAppendTime timestamps.
+    """
+
+    def __init__(self, kafka: Kafka, topic: str) -> None:
+        self.topic = topic
+        self._consumer = clients.reader(kafka)
+        self._partitions: list[TopicPartition] = []
+
+    async def __aenter__(self) -> Transactions:
+        await self._consumer.start()
+        partitions = await self._consumer._client._wait_on_metadata(self.topic)
+        self._partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(self._partitions)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def ends(self) -> dict[TopicPartition, int]:
+        """The changelog's committed ends now: where a phase's progress records begin."""
+        ends: dict[TopicPartition, int] = await self._consumer.end_offsets(self._partitions)
+        return ends
+
+    async def per_second(self, starts: dict[TopicPartition, int], began_ms: int, ended_ms: int) -> float:
+        """Transactions per second between `began_ms` and `ended_ms`, reading the changelog from `starts`."""
+        ends = await self.ends()
+        nows: set[int] = set()
+        for tp, start in starts.items():
+            self._consumer.seek(tp, start)
+        # Read until each position reaches its end: transaction markers take offsets but are never returned.
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while any([await self._consumer.position(tp) < ends[tp] for tp in self._partitions]):
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=10_000)
+                for records in batches.values():
+                    nows.update(
+                        decode_progress_time(record.value).now
+                        for record in records
+                        if record.key == PROGRESS_KEY and began_ms <= record.timestamp <= ended_ms
+                    )
+        return len(nows) / max((ended_ms - began_ms) / 1000, 0.001)
+
+
 # --- load ----------------------------------------------------------------------------------------
 
 
@@ -162,8 +255,9 @@ def commands_for(run: str, promises: range, timeout: int) -> tuple[list[Command]
 
 @contextlib.asynccontextmanager
 async def producer(kafka: Kafka) -> AsyncIterator[AIOKafkaProducer]:
-    # A load generator: batched and not idempotent, as the benchmark has always measured.
-    client = clients.producer(kafka, enable_idempotence=False, linger_ms=5, max_batch_size=256 * 1024)
+    # A load generator, not idempotent. No linger: an open-loop command leaves when it is due, not up to a
+    # linger later (that wait would count as latency); flat out, records batch up behind the request in flight.
+    client = clients.producer(kafka, enable_idempotence=False, linger_ms=0, max_batch_size=256 * 1024)
     async with clients.started(kafka, client):
         yield client
 
@@ -197,24 +291,42 @@ async def flat_out(
     return 2 * promises, seconds
 
 
-async def open_loop(options: BenchOptions, topics: Topics, replies: Replies, run: str) -> int:
-    """Commands at `rate` per second, on schedule whatever the replies do; returns how many were sent."""
-    total = int(options.rate * options.latency_seconds)
-    creates, resolves = commands_for(run, range(total // 2), int(time.time() * 1000) + 3_600_000)
+async def open_loop(
+    options: BenchOptions, topics: Topics, replies: Replies, transactions: Transactions, run: str, rate: int
+) -> RateReport:
+    """Commands at `rate` per second, on schedule whatever the replies do, for `latency_seconds`."""
+    total = int(rate * options.latency_seconds)
+    creates, resolves = commands_for(run, range(total // 2), epoch_ms() + 3_600_000)
     schedule = [command for pair in zip(creates, resolves, strict=True) for command in pair]
     expected = replies.count + len(schedule)
-    bar = Progress("latency", len(schedule), options.progress, replies.count)
+    bar = Progress(f"{rate}/s", len(schedule), options.progress, replies.count)
+    histogram = replies.histogram = new_histogram()
+    changelog_starts = await transactions.ends()
     async with producer(options.kafka) as client:
-        began = time.perf_counter()
+        began_ms, began = epoch_ms(), time.perf_counter()
         for n, command in enumerate(schedule):
-            delay = began + n / options.rate - time.perf_counter()
+            delay = began + n / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             replies.sent_at[command.request_id or ""] = time.perf_counter()
             await client.send(topics.commands, encode(command), key=command.id.encode())
         await replies.until(expected, DRAIN_SECONDS, bar.show)
+        ended_ms = epoch_ms()
     bar.done()
-    return len(schedule)
+
+    def ms(microseconds: float) -> float:
+        return round(float(microseconds) / 1000, 3)
+
+    return RateReport(
+        offered_rate=rate,
+        p50_ms=ms(histogram.get_value_at_percentile(50)),
+        p90_ms=ms(histogram.get_value_at_percentile(90)),
+        p99_ms=ms(histogram.get_value_at_percentile(99)),
+        p999_ms=ms(histogram.get_value_at_percentile(99.9)),
+        max_ms=ms(histogram.get_max_value()),
+        commands=len(schedule),
+        transactions_per_s=round(await transactions.per_second(changelog_starts, began_ms, ended_ms), 1),
+    )
 
 
 async def wait_until_serving(options: BenchOptions, topics: Topics, replies: Replies, partitions: int) -> None:
@@ -280,8 +392,7 @@ class Measured:
 
     commands: int
     seconds: float
-    latency_commands: int
-    histogram: HdrHistogram
+    rates: list[RateReport]
     ok: int
     partitions: int
     restore_seconds: float | None = None
@@ -303,13 +414,17 @@ async def measure_processor(options: BenchOptions, run: str) -> Measured:
             for n in range(options.spawn):
                 serve(str(n))
         partitions = await check_topics(options.kafka, topics)
-        async with Replies(options.kafka, topics.replies, decode=True) as replies:
+        async with (
+            Replies(options.kafka, topics.replies, decode=True) as replies,
+            Transactions(options.kafka, topics.changelog) as transactions,
+        ):
             await wait_until_serving(options, topics, replies, partitions)
             if options.preload:
                 await flat_out(options, topics, replies, f"{run}-pre", options.preload, "preload")
             commands, seconds = await flat_out(options, topics, replies, run, options.promises)
-            latency_commands = await open_loop(options, topics, replies, f"{run}-lat")
-            measured = Measured(commands, seconds, latency_commands, replies.histogram, replies.ok, partitions)
+            rates = [await open_loop(options, topics, replies, transactions, f"{run}-lat{rate}", rate)
+                     for rate in options.rates]  # fmt: skip
+            measured = Measured(commands, seconds, rates, replies.ok, partitions)
             if options.restore and options.spawn:
                 spawned.stop_all()
                 began = time.perf_counter()
@@ -345,30 +460,27 @@ async def run_bench(options: BenchOptions) -> Report:
     measured = await measure_processor(options, run)
     baseline = await measure_baseline(options, run, measured.partitions)
     throughput = measured.commands / measured.seconds
-    histogram = measured.histogram
-
-    def ms(percentile: float) -> float:
-        return round(float(histogram.get_value_at_percentile(percentile)) / 1000, 3)
-
+    first = measured.rates[0]
     return Report(
         commands=measured.commands,
         seconds=round(measured.seconds, 3),
         throughput=round(throughput, 1),
         baseline_throughput=round(baseline, 1),
         ratio=round(throughput / baseline, 3),
-        p50_ms=ms(50),
-        p90_ms=ms(90),
-        p99_ms=ms(99),
-        p999_ms=ms(99.9),
-        max_ms=round(histogram.get_max_value() / 1000, 3),
+        p50_ms=first.p50_ms,
+        p90_ms=first.p90_ms,
+        p99_ms=first.p99_ms,
+        p999_ms=first.p999_ms,
+        max_ms=first.max_ms,
         partitions=measured.partitions,
         processors=options.spawn or 0,
-        offered_rate=options.rate,
-        latency_commands=measured.latency_commands,
+        offered_rate=first.offered_rate,
+        latency_commands=first.commands,
         ok=measured.ok,
         preloaded_promises=options.preload,
         restore_seconds=None if measured.restore_seconds is None else round(measured.restore_seconds, 3),
         restored_records=measured.restored_records,
+        rates=measured.rates,
     )
 
 
@@ -396,10 +508,13 @@ def summary(report: Report) -> str:
         ("throughput", f"{report.throughput:,.0f} commands/s"),
         ("baseline", f"{report.baseline_throughput:,.0f} commands/s (raw Kafka pipe, same shape)"),
         ("ratio", f"{report.ratio:.2f}"),
-        (
-            "latency",
-            f"p50 {report.p50_ms} ms  p90 {report.p90_ms} ms  p99 {report.p99_ms} ms  "
-            f"p99.9 {report.p999_ms} ms  max {report.max_ms} ms at {report.offered_rate}/s offered",
+        *(
+            (
+                "latency" if n == 0 else "",
+                f"at {rate.offered_rate}/s offered: p50 {rate.p50_ms} ms  p90 {rate.p90_ms} ms  p99 {rate.p99_ms} ms  "
+                f"p99.9 {rate.p999_ms} ms  max {rate.max_ms} ms; {rate.transactions_per_s:,.0f} transactions/s",
+            )
+            for n, rate in enumerate(report.rates)
         ),
         (
             "shape",
@@ -415,3 +530,48 @@ def summary(report: Report) -> str:
 
 def render(report: Report, as_json: bool) -> str:
     return json.dumps(asdict(report)) if as_json else summary(report)
+
+
+# --- the plot ------------------------------------------------------------------------------------
+
+
+class PlotUnavailable(DpError):
+    """--plot without matplotlib, which only the `plot` extra installs."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "--plot needs matplotlib, which dp installs only with its `plot` extra: "
+            "run `pip install 'dp[plot]'` (or scripts/setup in a checkout), or leave out --plot."
+        )
+
+
+def require_plotting() -> None:
+    """Refuse --plot before the run rather than after minutes of measuring."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotUnavailable() from None
+
+
+def plot(report: Report, path: Path) -> None:
+    """Latency (p50, p99) against offered rate, as a PNG drawn from the run's own numbers."""
+    # Imported here: matplotlib is an optional extra and slow to import. A Figure on an Agg canvas
+    # touches no pyplot state and needs no display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rates = [rate.offered_rate for rate in report.rates]
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(rates, [rate.p50_ms for rate in report.rates], marker="o", label="p50")
+    axes.plot(rates, [rate.p99_ms for rate in report.rates], marker="s", label="p99")
+    axes.set_xlabel("offered rate (commands/s)")
+    axes.set_ylabel("send-to-reply latency (ms)")
+    axes.set_ylim(bottom=0)
+    axes.set_xlim(left=0)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    processors = {0: "running processors", 1: "1 processor"}.get(report.processors, f"{report.processors} processors")
+    axes.set_title(f"dp latency: {processors}, {report.partitions} partitions")
+    figure.savefig(path, format="png", dpi=120)

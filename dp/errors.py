@@ -24,6 +24,16 @@ class BrokerUnreachable(DpError):
         self.bootstrap_servers = bootstrap_servers
 
 
+class DataDirInUse(DpError):
+    """Another running processor holds the data dir (and with it the transactional id)."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(
+            f"the data dir {path} is in use by another running `dp serve`: give each processor its own "
+            "--data-dir (DP_DATA_DIR)."
+        )
+
+
 class TopicsProblem(DpError):
     """The deployment's topics are missing or their partition counts disagree."""
 

@@ -26,7 +26,9 @@ from dp.settings import Kafka
 # (param and value each up to 512 KiB decoded, base64 on the wire, in one record) must never meet
 # Kafka's 1 MB default and fail its transaction forever.
 MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
-TRANSACTION_TIMEOUT_MS: Final = 120_000
+# As Kafka Streams sets it under exactly-once: a transaction abandoned by a process that froze or died is
+# aborted by the coordinator within seconds, so a partition's next owner (invariant I5) never waits long.
+TRANSACTION_TIMEOUT_MS: Final = 10_000
 
 
 def options(kafka: Kafka) -> dict[str, Any]:
@@ -77,6 +79,12 @@ def restore_consumer(kafka: Kafka) -> AIOKafkaConsumer:
     )
 
 
+def watermark_reader(kafka: Kafka) -> AIOKafkaConsumer:
+    """Reads high watermarks (`end_offsets` of uncommitted data), which open transactions hold back from
+    a read_committed consumer: the gap between the two is a transaction still open."""
+    return AIOKafkaConsumer(**options(kafka), isolation_level="read_uncommitted", enable_auto_commit=False)
+
+
 def reader(kafka: Kafka, group: str | None = None, **tuning: Any) -> AIOKafkaConsumer:
     """Reads replies or events: only what the processor committed, and it commits nothing by itself."""
     return AIOKafkaConsumer(
@@ -94,8 +102,8 @@ def producer(kafka: Kafka, **tuning: Any) -> AIOKafkaProducer:
 
 
 def transactional_producer(kafka: Kafka, transactional_id: str) -> AIOKafkaProducer:
-    """A partition writer's producer (and the baseline pipe's): its replies, events, changelog and
-    consumer offset commit in one transaction, and a newer producer with the same id fences it."""
+    """The committer's producer (and the baseline pipe's): a cycle's replies, events, changelog records and
+    consumer offsets commit in one transaction; a newer producer with the same id fences it."""
     return AIOKafkaProducer(
         **options(kafka),
         transactional_id=transactional_id,
@@ -105,8 +113,8 @@ def transactional_producer(kafka: Kafka, transactional_id: str) -> AIOKafkaProdu
         max_batch_size=256 * 1024,
         max_request_size=MAX_MESSAGE_BYTES + 64 * 1024,
         request_timeout_ms=30_000,
-        # Above the longest a batch may take (its bytes are bounded; the writer abandons a publish after
-        # PUBLISH_TIMEOUT_S), so the coordinator never aborts a transaction the writer still believes in.
+        # Above the longest a transaction may take (its bytes are bounded; the committer abandons one after
+        # PUBLISH_TIMEOUT_S), so the coordinator never aborts a transaction the committer still believes in.
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
     )
 

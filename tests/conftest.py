@@ -76,7 +76,7 @@ def spawn(bootstrap_servers: str, topics: Topics, tmp_path: Path) -> Iterator[Ca
     started: list[ServeProcess] = []
     group = f"g-{uuid.uuid4().hex[:8]}"
 
-    def start(name: str = "a", clock_offset_ms: int = 0) -> ServeProcess:
+    def start(name: str = "a", clock_offset_ms: int = 0, group: str = group) -> ServeProcess:
         data, log = tmp_path / f"data-{name}", tmp_path / f"{name}.log"
         process = ServeProcess(bootstrap_servers, topics, group, data, log, clock_offset_ms)
         started.append(process.start())

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import IllegalGenerationError, UnknownMemberIdError
 
+from consumers import committer as committer_module
+from consumers import kip447
+from consumers.committer import Committer, now_ms
+from consumers.effects import Route
+from consumers.partition import Partition
+from consumers.reply_topics import ReplyTopics
+from consumers.store import DataDir
+from dp import kafka as clients
+from dp.partitioning import partition_for
 from dp.settings import Kafka, Topics
-from dp.wire import decode_reply
+from dp.wire import DEFAULT_LIMITS, decode_reply
 from tests.replay import essence, events_per_promise, latest_changelog, replay
 from tests.support import TEST_PARTITIONS, ServeProcess, complete, create, unique
 from tests.wire_client import WireClient, read_topic
@@ -103,3 +118,126 @@ async def test_a_stopped_zombie_is_fenced_and_nothing_it_did_is_visible(
         await client.wait_for(sent, seconds=90)
     assert zombie.alive and survivor.alive
     await verify_exactly_once(kafka, topics, sent, ids)
+
+
+# --- zombies frozen at an exact point of the commit (invariants I2-I5) -----------------------------
+
+
+class Frozen:
+    """`send_offsets` wrapped so that the committer stops right before it, or right after the broker
+    accepted the offsets (before EndTxn), until the test wakes it."""
+
+    def __init__(self, after_offsets: bool) -> None:
+        self.after_offsets = after_offsets
+        self.reached = asyncio.Event()
+        self.wake = asyncio.Event()
+
+    async def __call__(self, producer: Any, offsets: Any, group: Any) -> None:
+        if self.after_offsets:
+            await kip447.send_offsets(producer, offsets, group)
+        self.reached.set()
+        await self.wake.wait()
+        if not self.after_offsets:
+            await kip447.send_offsets(producer, offsets, group)
+
+
+async def run_zombie(
+    kafka: Kafka,
+    topics: Topics,
+    spawn: Callable[..., ServeProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    frozen: Frozen,
+) -> tuple[list[str], list[str], Committer, list[BaseException], ServeProcess]:
+    """A committer (in this process, the real code) applies creates on partition 0 and freezes mid-commit;
+    its group member leaves, so a `dp serve` takes the partitions over; once that new owner says it waits
+    for the open transaction (I5), the zombie wakes. Returns the ids, request ids, the zombie's committer,
+    its failures and the new owner."""
+    # The freeze may outlast the production bounds; here only the group decides the zombie's fate.
+    monkeypatch.setattr(clients, "TRANSACTION_TIMEOUT_MS", 120_000)
+    monkeypatch.setattr(committer_module, "PUBLISH_TIMEOUT_S", 100.0)
+    monkeypatch.setattr(committer_module, "send_offsets", frozen)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    source = TopicPartition(topics.commands, 0)
+    consumer = clients.command_consumer(kafka, group)
+    consumer.subscribe([topics.commands])
+    await consumer.start()
+    data_dir = DataDir(tmp_path / "zombie", group)
+    reply_topics = ReplyTopics(kafka, always=(topics.replies, topics.dlq, topics.events, topics.changelog))
+    await reply_topics.start()
+    failures: list[BaseException] = []
+    committer = Committer(kafka, data_dir, reply_topics, 2_000, 4 << 20, lambda _, error: failures.append(error))
+    partition = Partition(kafka, data_dir, Route(0, TEST_PARTITIONS, topics, DEFAULT_LIMITS), 2_000, 4 << 20)
+    try:
+        await wait_until(lambda: source in consumer.assignment(), 60, "the zombie's assignment")
+        consumer.pause(*(tp for tp in consumer.assignment() if tp != source))
+        committer.group = kip447.assignment_of(consumer, group)
+        await partition.open(consumer)
+        committer.adopt(partition)
+        ids = [i for i in (unique("z") for _ in range(400)) if partition_for(i.encode(), TEST_PARTITIONS) == 0][:20]
+        async with WireClient(kafka, topics) as client:
+            sent = await client.send_all([create(i) for i in ids])
+            fetched: list[Any] = []
+            while len(fetched) < len(ids):
+                fetched.extend((await consumer.getmany(source, timeout_ms=500)).get(source, []))
+            partition.offer(fetched, consumer)
+            cycle = asyncio.create_task(committer.cycle(now_ms()))
+            await asyncio.wait_for(frozen.reached.wait(), 60)
+            await consumer.stop()  # the zombie's membership ends; its transaction stays open
+            owner = spawn("owner", group=group)
+            waiting = "partition 0: waiting for a previous owner's transaction to end"
+            await wait_until(lambda: waiting in owner.log.read_text(), 60, "the new owner waiting (I5)")
+            frozen.wake.set()
+            await asyncio.wait_for(cycle, 60)
+            await client.wait_for(sent, seconds=60)
+            await wait_until(lambda: 0 in owner.owned(), 60, "the new owner serving partition 0")
+            # One more command through the new owner: everything before it is settled once it is answered.
+            sent.append(await client.send(complete("resolve", ids[0])))
+            await client.wait_for(sent, seconds=60)
+        return ids, sent, committer, failures, owner
+    finally:
+        await consumer.stop()
+        await committer.close()
+        partition.close()
+        await reply_topics.close()
+        data_dir.release()
+
+
+async def verify_creates_once(kafka: Kafka, topics: Topics, request_ids: list[str], ids: list[str]) -> None:
+    """Every request answered exactly once; one `created` event and one changelog state per id, then the
+    resolve of the first (nothing of an aborted transaction visible, nothing applied twice)."""
+    replies = [decode_reply(record.value) for record in await read_topic(kafka, topics.replies)]
+    counts = Counter(reply.request_id for reply in replies)
+    assert [r for r in request_ids if counts[r] != 1] == []
+    assert {reply.status for reply in replies if reply.request_id in request_ids} == {"created", "resolved"}
+    events = events_per_promise(await read_topic(kafka, topics.events))
+    assert {i: events[i] for i in ids} == {i: ["created", "resolved"] if i == ids[0] else ["created"] for i in ids}
+    changelog = Counter(record.key for record in await read_topic(kafka, topics.changelog) if record.key)
+    assert {i: changelog[i.encode()] for i in ids} == {i: 2 if i == ids[0] else 1 for i in ids}
+
+
+async def test_a_zombie_whose_offsets_were_accepted_commits_and_the_new_owner_restores_it(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, sent, committer, failures, owner = await run_zombie(
+        kafka, topics, spawn, tmp_path, monkeypatch, Frozen(after_offsets=True)
+    )
+    assert failures == [] and committer.transactions == 1  # the zombie's commit landed
+    opened = re.search(
+        r"partition 0: open \(restored (\d+) records, commands from offset (\d+)\)", owner.log.read_text()
+    )
+    assert opened is not None
+    assert int(opened[1]) >= len(ids) + 1 and int(opened[2]) == len(ids)  # restored it, resumed after it
+    await verify_creates_once(kafka, topics, sent, ids)
+
+
+async def test_a_zombie_frozen_before_its_offsets_is_fenced_and_nothing_it_did_is_visible(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, sent, committer, failures, owner = await run_zombie(
+        kafka, topics, spawn, tmp_path, monkeypatch, Frozen(after_offsets=False)
+    )
+    assert committer.transactions == 0
+    assert [type(error) for error in failures] in ([UnknownMemberIdError], [IllegalGenerationError])
+    assert "partition 0: open (restored 0 records, commands from offset 0)" in owner.log.read_text()
+    await verify_creates_once(kafka, topics, sent, ids)

@@ -1,0 +1,190 @@
+"""One owned command partition: its store, the commands fetched for it, and its deadlines.
+
+A partition never publishes by itself. The committer (`consumers/committer.py`) takes its work into
+the process's transaction as a `Step`, and only after that transaction committed does the step reach
+RocksDB (`persist`), so the store is never ahead of Kafka. Only the process that owns the partition
+touches its store: ownership is the concurrency control.
+
+Opening a partition follows invariant I5 of the design: wait until the changelog partition's last
+stable offset reaches the high watermark seen after the assignment (a previous owner's open
+transaction is then committed or aborted), catch the store up from the changelog, and seek the
+commands to the larger of the group's committed offset and the store's own progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from consumers.effects import Effects, Incoming, Outgoing, Route, apply_batch
+from consumers.reply_topics import ReplyTopics
+from consumers.restore import StoreAhead, restore
+from consumers.store import PROGRESS_KEY, DataDir, PartitionStore, progress_record
+from dp.settings import Kafka
+from dp.wire import Promise
+
+log = logging.getLogger("dp.processor")
+
+DUE_PER_STEP: Final = 5_000
+# Fetched records a partition may hold before its fetching pauses, in transactions' worth (count and bytes).
+QUEUE_BATCHES: Final = 4
+
+
+@dataclass
+class Step:
+    """One partition's share of a transaction: what it applied and what that publishes and persists."""
+
+    partition: Partition
+    records: list[Incoming]
+    due: list[Promise]
+    now: int
+    next_offset: int
+    effects: Effects
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to apply (every record was a redelivery, no timeout was due): no transaction needed."""
+        return not self.records and not self.due
+
+
+class Partition:
+    """The state of one command partition this process owns; the committer is its only writer."""
+
+    def __init__(self, kafka: Kafka, data_dir: DataDir, route: Route, max_batch: int, max_batch_bytes: int) -> None:
+        self.kafka = kafka
+        self.route = route
+        self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
+        self.source = TopicPartition(route.topics.commands, route.partition)
+        self.changelog = TopicPartition(route.topics.changelog, route.partition)
+        self.store_path = data_dir.partition_path(route.partition)
+        self.store: PartitionStore | None = None
+        self.next_offset = 0
+        self.next_deadline: int | None = None
+        self.restored = 0
+        self._queue: list[Incoming] = []
+        self._queued_bytes = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._paused = False
+
+    # --- opening and closing --------------------------------------------------------------
+
+    async def open(self, consumer: AIOKafkaConsumer) -> None:
+        """Catch the store up from the changelog (after I5's wait) and seek to where commands resume.
+
+        A store ahead of the log (the topics were recreated, or the data dir is another deployment's)
+        is wiped and restored from the changelog, loudly: trusting it would skip commands.
+        """
+        if self.store is None:
+            self.store = await asyncio.to_thread(PartitionStore, self.store_path)
+        commands_end = (await consumer.end_offsets([self.source]))[self.source]
+        try:
+            if self.store.command_offset > commands_end:
+                raise StoreAhead(
+                    f"the store is at command offset {self.store.command_offset}, beyond the commands' end "
+                    f"({commands_end})"
+                )
+            self.restored = await restore(self.kafka, self.changelog, self.store)
+        except StoreAhead as ahead:
+            log.error("partition %d: %s: the topics were recreated or the data dir belongs to another "
+                      "deployment; wiping %s and restoring from the changelog", self.route.partition, ahead,
+                      self.store_path)  # fmt: skip
+            self.store = await asyncio.to_thread(self.store.wipe)
+            self.restored = await restore(self.kafka, self.changelog, self.store)
+        if self.store.skipped:
+            log.warning("partition %d: skipped %d changelog records of kinds this version does not know",
+                        self.route.partition, self.store.skipped)  # fmt: skip
+        # The larger of the two: Kafka can lose a transaction's consumer-offset commit on a broker crash
+        # (markers skipped for a __consumer_offsets partition with no known leader yet), while the
+        # changelog's progress record of that same transaction survives.
+        committed = await consumer.committed(self.source)
+        self.next_offset = max(committed or 0, self.store.command_offset)
+        consumer.seek(self.source, self.next_offset)
+        self.next_deadline = self.store.next_deadline()
+        self._queue, self._queued_bytes = [], 0
+        self._consumer, self._paused = consumer, False
+
+    def close(self) -> None:
+        store, self.store = self.store, None
+        self._queue, self._queued_bytes = [], 0
+        if store is not None:
+            store.close()
+
+    # --- work -----------------------------------------------------------------------------
+
+    def offer(self, records: list[Incoming], consumer: AIOKafkaConsumer) -> None:
+        """Queue fetched records; past a few transactions' worth, stop fetching this partition until drained."""
+        self._queue.extend(records)
+        self._queued_bytes += sum(len(record.value or b"") for record in records)
+        if self._full():
+            self._paused = True
+            consumer.pause(self.source)
+
+    def _full(self) -> bool:
+        return (
+            len(self._queue) > QUEUE_BATCHES * self.max_batch
+            or self._queued_bytes > QUEUE_BATCHES * self.max_batch_bytes
+        )
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def due(self, now: int) -> bool:
+        return self.next_deadline is not None and self.next_deadline <= now
+
+    def has_work(self, now: int) -> bool:
+        return bool(self._queue) or self.due(now)
+
+    def take(self, count: int, size: int) -> list[Incoming]:
+        """At most `count` queued records and about `size` bytes of them (at least one, if any)."""
+        taken_bytes = taken = 0
+        for record in self._queue[:count]:
+            length = len(record.value or b"")
+            if taken and taken_bytes + length > size:
+                break
+            taken_bytes, taken = taken_bytes + length, taken + 1
+        records, self._queue = self._queue[:taken], self._queue[taken:]
+        self._queued_bytes -= taken_bytes
+        if self._paused and not self._full() and self._consumer is not None:
+            self._paused = False
+            self._consumer.resume(self.source)
+        return records
+
+    def step(
+        self,
+        records: list[Incoming],
+        now: int,
+        reply_topics: ReplyTopics,
+        refusals: Mapping[int, str | None] | None = None,
+        *,
+        timers: bool = True,
+    ) -> Step:
+        """Apply `records` (and, with `timers`, the timeouts due at `now`) to a copy of the state: the store is
+        read, never written. The effects end with this partition's progress record, which every transaction
+        touching the partition carries (I1), timer-only ones too: it records `now`, so that a new owner's
+        clock never runs back."""
+        assert self.store is not None, "partition is not open"
+        now = max(now, self.store.last_now)
+        fresh = [record for record in records if record.offset >= self.next_offset]
+        due = self.store.due(now, DUE_PER_STEP, self.max_batch_bytes) if timers and self.due(now) else []
+        if not fresh and not due:
+            self.next_deadline = self.store.next_deadline()
+        effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics, refusals)
+        next_offset = fresh[-1].offset + 1 if fresh else self.next_offset
+        effects.messages.append(
+            Outgoing(self.route.topics.changelog, self.route.partition, PROGRESS_KEY, progress_record(next_offset, now))
+        )
+        return Step(self, fresh, due, now, next_offset, effects)
+
+    def persist(self, step: Step, changelog_end: int) -> None:
+        """The step's transaction committed: write its changes and offsets to RocksDB in one batch."""
+        assert self.store is not None, "partition is not open"
+        self.store.write(step.effects.persist, changelog_end, step.next_offset, step.now)
+        self.next_offset = step.next_offset
+        self.next_deadline = self.store.next_deadline()
