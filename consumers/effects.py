@@ -62,8 +62,10 @@ class TopicInfo(NamedTuple):
 
 def record_bytes(message: Outgoing) -> int:
     """An upper bound of the bytes Kafka counts against `max.message.bytes` for this record alone."""
-    headers = sum(len(name) + len(value) + 8 for name, value in message.headers or ())
-    return len(message.key or b"") + len(message.value) + headers + RECORD_OVERHEAD
+    size = len(message.key or b"") + len(message.value) + RECORD_OVERHEAD
+    if message.headers:
+        size += sum(len(name) + len(value) + 8 for name, value in message.headers)
+    return size
 
 
 @dataclass

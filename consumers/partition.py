@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -67,6 +68,7 @@ class Partition:
         self.next_offset = 0
         self.next_deadline: int | None = None
         self.restored = 0
+        self.open_seconds = 0.0
         self._queue: list[Incoming] = []
         self._queued_bytes = 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -80,6 +82,7 @@ class Partition:
         A store ahead of the log (the topics were recreated, or the data dir is another deployment's)
         is wiped and restored from the changelog, loudly: trusting it would skip commands.
         """
+        began = time.monotonic()
         if self.store is None:
             self.store = await asyncio.to_thread(PartitionStore, self.store_path)
         commands_end = (await consumer.end_offsets([self.source]))[self.source]
@@ -108,6 +111,7 @@ class Partition:
         self.next_deadline = self.store.next_deadline()
         self._queue, self._queued_bytes = [], 0
         self._consumer, self._paused = consumer, False
+        self.open_seconds = time.monotonic() - began
 
     def close(self) -> None:
         store, self.store = self.store, None
@@ -173,7 +177,7 @@ class Partition:
         now = max(now, self.store.last_now)
         fresh = [record for record in records if record.offset >= self.next_offset]
         due = self.store.due(now, DUE_PER_STEP, self.max_batch_bytes) if timers and self.due(now) else []
-        if not fresh and not due:
+        if timers and self.due(now) and not due:  # the earliest timeout was completed meanwhile: look again
             self.next_deadline = self.store.next_deadline()
         effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics, refusals)
         next_offset = fresh[-1].offset + 1 if fresh else self.next_offset
@@ -187,4 +191,9 @@ class Partition:
         assert self.store is not None, "partition is not open"
         self.store.write(step.effects.persist, changelog_end, step.next_offset, step.now)
         self.next_offset = step.next_offset
-        self.next_deadline = self.store.next_deadline()
+        # Kept in memory rather than read back: seeking the deadline index after every transaction would skip
+        # over the tombstones of every completed promise. It may be early (its promise completed since): then
+        # the sweep finds nothing due and `step` reads the index once.
+        for promise in step.effects.changes.values():
+            if promise.state == "PENDING" and (self.next_deadline is None or promise.timeout < self.next_deadline):
+                self.next_deadline = promise.timeout

@@ -193,8 +193,8 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             if (error := task.exception()) is not None:
                 self.failed([partition], error)
                 continue
-            log.info("partition %d: open (restored %d records, commands from offset %d)",
-                     tp.partition, partition.restored, partition.next_offset)  # fmt: skip
+            log.info("partition %d: open (restored %d records in %.2fs, commands from offset %d)",
+                     tp.partition, partition.restored, partition.open_seconds, partition.next_offset)  # fmt: skip
             self.committer.adopt(partition)
             self.consumer.resume(tp)
         now = time.monotonic()

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 KAFKA_SCRIPT = REPO / "scripts" / "kafka"
 PR_SET_PDEATHSIG = 1
 OPEN_OR_CLOSED = re.compile(rb"^(\S+ \S+) .*partition (\d+): (open|closed)", re.MULTILINE)
-FENCED = re.compile(rb"ProducerFenced|fenced by a newer owner")
+FENCED = re.compile(rb"ProducerFenced|fenced by the consumer group")
 RESTORED = re.compile(rb"partition \d+: open \(restored (\d+) records")
 
 
@@ -208,7 +208,7 @@ class Processor:
             log.seek(since)
             text = log.read().split(b"INFO dp.processor: serving group", 1)[0]
         closed = sorted({int(n) for n in re.findall(rb"partition (\d+): closed", text)})
-        fenced = "ProducerFenced logged" if FENCED.search(text) else "no ProducerFenced logged"
+        fenced = "fencing logged" if FENCED.search(text) else "no fencing logged"
         return f"closed partitions {closed} on waking; {fenced}"
 
     def restored(self, since: int = 0) -> int:

@@ -302,13 +302,13 @@ def find_reapplied(
     offset never is; a processor that trusts the group's committed offset applies the batch again.
 
     That is still a duplicate (the processor can defend itself: docs/reliability.md), and counted as
-    one, but a diagnosed one: when the exact signature is there (the broker log line for this
-    partition's transactional id naming `__consumer_offsets`, a contiguous window of records each
-    answered or dead-lettered exactly twice, and a processor reopening the partition at the window's
-    first offset), the window is replayed twice, so that every other check stays exact instead of
+    one, but a diagnosed one: when the exact signature is there (the broker log line for a processor's
+    transactional id naming `__consumer_offsets` and the partition's changelog, a contiguous window of
+    records each answered or dead-lettered exactly twice, and a processor reopening the partition at
+    the window's first offset), the window is replayed twice, so that every other check stays exact instead of
     failing in cascade, and the duplicates are reported under that name with the broker's words.
     """
-    prefix = f"{context.group}-{context.topics.commands}-"
+    prefix = f"{context.group}-"  # a processor's transactional id: the group and its data dir's name
     logs = b"".join(p.log.read_bytes() for p in context.cluster.processors if p.log.exists()).decode(errors="replace")
     bad_by_partition: dict[int, list[ConsumerRecord]] = defaultdict(list)
     for record in bad:
@@ -317,25 +317,26 @@ def find_reapplied(
     for partitions, txn in broker_skipped_markers(context.broker_log):
         if not txn.startswith(prefix) or "__consumer_offsets-" not in partitions:
             continue
-        partition = int(txn.removeprefix(prefix))
-        counts = {r.offset: len(replies.get(c.request_id or "", [])) for r, c in valid.get(partition, [])}
-        counts.update({r.offset: len(dead.get((partition, r.offset), [])) for r in bad_by_partition[partition]})
-        doubled = [offset for offset, count in counts.items() if count == 2]
-        if not doubled:
-            continue
-        first, last = min(doubled), max(doubled)
-        window = [counts[offset] for offset in counts if first <= offset <= last]
-        reopened = f"partition {partition}: open (restored" in logs and re.search(
-            rf"partition {partition}: open \(restored \d+ records in [\d.]+s, commands from offset {first}\)", logs
-        )
-        if all(count == 2 for count in window) and reopened:
-            twice[partition] = (first, last)
-            verdict.duplicate(
-                "batch applied twice after the broker skipped its transaction markers",
-                f"partition {partition}, offsets {first}-{last} ({len(window)} records): broker log "
-                f"'Couldn't find leader endpoint for partitions Set({partitions}) ... for {txn} ... skipped'",
-                len(window),
+        changelog = re.escape(context.topics.changelog)
+        for partition in sorted({int(n) for n in re.findall(rf"{changelog}-(\d+)", partitions)}):
+            counts = {r.offset: len(replies.get(c.request_id or "", [])) for r, c in valid.get(partition, [])}
+            counts.update({r.offset: len(dead.get((partition, r.offset), [])) for r in bad_by_partition[partition]})
+            doubled = [offset for offset, count in counts.items() if count == 2]
+            if not doubled:
+                continue
+            first, last = min(doubled), max(doubled)
+            window = [counts[offset] for offset in counts if first <= offset <= last]
+            reopened = re.search(
+                rf"partition {partition}: open \(restored \d+ records in [\d.]+s, commands from offset {first}\)", logs
             )
+            if all(count == 2 for count in window) and reopened:
+                twice[partition] = (first, last)
+                verdict.duplicate(
+                    "batch applied twice after the broker skipped its transaction markers",
+                    f"partition {partition}, offsets {first}-{last} ({len(window)} records): broker log "
+                    f"'Couldn't find leader endpoint for partitions Set({partitions}) ... for {txn} ... skipped'",
+                    len(window),
+                )
     return twice
 
 

@@ -212,6 +212,22 @@ async def test_a_timer_only_transaction_carries_the_offset_and_a_progress_record
     assert [p.state for p in zero.store.records().values()] == ["REJECTED_TIMEDOUT"]
 
 
+async def test_a_timeout_completed_early_does_not_hide_the_next_one(opened: Opened) -> None:
+    committer, (zero, _), made, _, _ = opened
+    first, second = ids_of(0, 2)
+    offer(zero, create(0, first, "r1", timeout=2_000), create(1, second, "r2", timeout=5_000))
+    await committer.cycle(1_000)
+    resolve = {"op": "resolve", "id": first, "requestId": "r3"}
+    offer(zero, Record(2, first.encode(), json.dumps(resolve).encode()))
+    await committer.cycle(1_500)
+    assert zero.next_deadline == 2_000  # kept in memory: early now, its promise is resolved
+    await committer.cycle(3_000)  # nothing due: the index is read once
+    assert zero.next_deadline == 5_000 and made[0].calls.count("commit") == 2
+    await committer.cycle(6_000)
+    assert zero.store is not None
+    assert {i: p.state for i, p in zero.store.records().items()} == {first: "RESOLVED", second: "REJECTED_TIMEDOUT"}
+
+
 async def test_a_record_kafka_refuses_is_refused_alone_and_the_rest_commits(
     opened: Opened, monkeypatch: pytest.MonkeyPatch
 ) -> None:
