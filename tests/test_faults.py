@@ -123,6 +123,9 @@ async def test_a_stopped_zombie_is_fenced_and_nothing_it_did_is_visible(
 # --- zombies frozen at an exact point of the commit (invariants I2-I5) -----------------------------
 
 
+FROZEN_CREATES = 20
+
+
 class Frozen:
     """`send_offsets` wrapped so that the committer stops right before it, or right after the broker
     accepted the offsets (before EndTxn), until the test wakes it."""
@@ -151,8 +154,8 @@ async def run_zombie(
 ) -> tuple[list[str], list[str], Committer, list[BaseException], ServeProcess]:
     """A committer (in this process, the real code) applies creates on partition 0 and freezes mid-commit;
     its group member leaves, so a `dp serve` takes the partitions over; once that new owner says it waits
-    for the open transaction (I5), the zombie wakes. Returns the ids, request ids, the zombie's committer,
-    its failures and the new owner."""
+    for the open transaction (I5), the zombie wakes, and later tries one more transaction. Returns the ids,
+    request ids, the zombie's committer, its failures and the new owner."""
     # The freeze may outlast the production bounds; here only the group decides the zombie's fate.
     monkeypatch.setattr(clients, "TRANSACTION_TIMEOUT_MS", 120_000)
     monkeypatch.setattr(committer_module, "PUBLISH_TIMEOUT_S", 100.0)
@@ -174,7 +177,8 @@ async def run_zombie(
         committer.group = kip447.assignment_of(consumer, group)
         await partition.open(consumer)
         committer.adopt(partition)
-        ids = [i for i in (unique("z") for _ in range(400)) if partition_for(i.encode(), TEST_PARTITIONS) == 0][:20]
+        ids = [i for i in (unique("z") for _ in range(400)) if partition_for(i.encode(), TEST_PARTITIONS) == 0]
+        ids = ids[:FROZEN_CREATES]
         async with WireClient(kafka, topics) as client:
             sent = await client.send_all([create(i) for i in ids])
             fetched: list[Any] = []
@@ -194,13 +198,37 @@ async def run_zombie(
             # One more command through the new owner: everything before it is settled once it is answered.
             sent.append(await client.send(complete("resolve", ids[0])))
             await client.wait_for(sent, seconds=60)
-        return ids, sent, committer, failures, owner
+            # Still holding the partition, the zombie takes the newest commands (the owner answered them too)
+            # into a later transaction: the group refuses its offsets (I2), so nothing of it becomes visible.
+            late = [i for i in (unique("late") for _ in range(400)) if partition_for(i.encode(), TEST_PARTITIONS) == 0]
+            late_sent = await client.send_all([create(i) for i in late[:5]])
+            await client.wait_for(late_sent, seconds=60)
+            partition.offer(await read_from(kafka, source, partition.next_offset), consumer)
+            monkeypatch.setattr(committer_module, "send_offsets", kip447.send_offsets)
+            await committer.cycle(now_ms())
+        return ids + late[:5], sent + late_sent, committer, failures, owner
     finally:
         await consumer.stop()
         await committer.close()
         partition.close()
         await reply_topics.close()
         data_dir.release()
+
+
+async def read_from(kafka: Kafka, source: TopicPartition, offset: int) -> list[Any]:
+    """The committed records of `source` from `offset` to its end."""
+    reader = clients.reader(kafka)
+    await reader.start()
+    try:
+        reader.assign([source])
+        reader.seek(source, offset)
+        end = (await reader.end_offsets([source]))[source]
+        records: list[Any] = []
+        while await reader.position(source) < end:
+            records.extend((await reader.getmany(source, timeout_ms=500)).get(source, []))
+        return records
+    finally:
+        await reader.stop()
 
 
 async def verify_creates_once(kafka: Kafka, topics: Topics, request_ids: list[str], ids: list[str]) -> None:
@@ -222,12 +250,13 @@ async def test_a_zombie_whose_offsets_were_accepted_commits_and_the_new_owner_re
     ids, sent, committer, failures, owner = await run_zombie(
         kafka, topics, spawn, tmp_path, monkeypatch, Frozen(after_offsets=True)
     )
-    assert failures == [] and committer.transactions == 1  # the zombie's commit landed
+    assert committer.transactions == 1  # the zombie's commit landed; its later transaction was refused
+    assert [type(error) for error in failures] in ([UnknownMemberIdError], [IllegalGenerationError])
     opened = re.search(
         r"partition 0: open \(restored (\d+) records in [\d.]+s, commands from offset (\d+)\)", owner.log.read_text()
     )
     assert opened is not None
-    assert int(opened[1]) >= len(ids) + 1 and int(opened[2]) == len(ids)  # restored it, resumed after it
+    assert int(opened[1]) >= FROZEN_CREATES + 1 and int(opened[2]) == FROZEN_CREATES  # restored it, resumed after it
     await verify_creates_once(kafka, topics, sent, ids)
 
 
@@ -237,8 +266,8 @@ async def test_a_zombie_frozen_before_its_offsets_is_fenced_and_nothing_it_did_i
     ids, sent, committer, failures, owner = await run_zombie(
         kafka, topics, spawn, tmp_path, monkeypatch, Frozen(after_offsets=False)
     )
-    assert committer.transactions == 0
-    assert [type(error) for error in failures] in ([UnknownMemberIdError], [IllegalGenerationError])
+    assert committer.transactions == 0  # refused when it woke, and again later
+    assert len(failures) == 2 and {type(e) for e in failures} <= {UnknownMemberIdError, IllegalGenerationError}
     assert re.search(
         r"partition 0: open \(restored 0 records in [\d.]+s, commands from offset 0\)", owner.log.read_text()
     )
