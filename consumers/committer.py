@@ -169,16 +169,19 @@ class Committer:
                 await asyncio.wait_for(self._work.wait(), max(0.0, (min(deadlines) - now) / 1000))
 
     async def cycle(self, now: int) -> None:
-        """One transaction for the work of the moment of every open partition; a failure hands the
-        partitions involved back to the processor (`on_failure`) and replaces the producer."""
+        """One transaction for the work of the moment of every open partition. On any failure the partitions
+        that had work are handed back to the processor (`on_failure`), which reopens them from Kafka's truth
+        after a backoff (so records taken from their queues are fetched again, and a broker that is gone
+        is not retried in a spin), and the producer is replaced."""
         if self._held or self.group is None:
             return
-        if self.reply_topics.stale:
-            await self.reply_topics.refresh()
-        steps = await self._collect(now)
-        if not steps:
-            return
+        busy = [partition for partition in self.partitions.values() if partition.has_work(now)]
         try:
+            if self.reply_topics.stale:
+                await self.reply_topics.refresh()
+            steps = await self._collect(busy, now)
+            if not steps:
+                return
             try:
                 await self._commit(steps)
             except SendsRefused as refused:
@@ -188,23 +191,20 @@ class Committer:
                 for step in steps:
                     await self._isolate(step)
         except Exception as error:
-            self.on_failure([step.partition for step in steps], error)
+            self.on_failure(busy, error)
             await self._renew_producer()
 
-    async def _collect(self, now: int) -> list[Step]:
-        """Each open partition's step: its queued records (all partitions together within `max_batch` and
+    async def _collect(self, busy: list[Partition], now: int) -> list[Step]:
+        """Each busy partition's step: its queued records (all partitions together within `max_batch` and
         `max_batch_bytes`, taken in a rotating order so that none starves) and its due timeouts."""
-        order = list(self.partitions.values())
-        if not order:
+        if not busy:
             return []
-        start = self._rotation % len(order)
+        start = self._rotation % len(busy)
         self._rotation += 1
         count, size = self.max_batch, self.max_batch_bytes
         steps: list[Step] = []
         misses = self.reply_topics.misses
-        for partition in order[start:] + order[:start]:
-            if not partition.has_work(now):
-                continue
+        for partition in busy[start:] + busy[:start]:
             records = partition.take(count, size) if count > 0 and size > 0 else []
             count -= len(records)
             size -= sum(len(record.value or b"") for record in records)

@@ -221,6 +221,22 @@ def test_serve_keeps_retrying_while_no_broker_answers_and_says_so(tmp_path: Path
     assert "Traceback" not in rest
 
 
+def test_a_second_processor_on_the_same_data_dir_exits_2_saying_so(
+    bootstrap_servers: str, topics: Topics, spawn: Callable[..., ServeProcess]
+) -> None:
+    """Its transactional id is the data dir's: two processors sharing one would fence each other forever."""
+    first = spawn("a")
+    deadline = time.monotonic() + 60
+    while "serving group" not in first.log.read_text():
+        assert time.monotonic() < deadline and first.alive, "the first processor never started serving"
+        time.sleep(0.05)
+    command = [*serve_command(bootstrap_servers, topics.prefix, first.data_dir), "--group", first.group]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    assert "is in use by another running `dp serve`" in result.stderr and "--data-dir" in result.stderr
+    assert "Traceback" not in result.stderr and first.alive
+
+
 async def test_the_largest_promise_the_limits_allow_round_trips(
     kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]
 ) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, NotLeaderForPartitionError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import RecordMetadata
 
@@ -186,6 +186,26 @@ async def test_a_failed_send_aborts_and_leaves_every_partition_s_store_untouched
         assert partition.next_offset == 0
     ((numbers, error),) = failed
     assert sorted(numbers) == [0, 1] and isinstance(error, NotLeaderForPartitionError)
+
+
+async def test_a_failure_before_the_transaction_hands_the_busy_partitions_back(
+    opened: Opened, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No broker to describe the reply topics: the partitions with work are reopened (their records fetched
+    again), never left with records taken from their queues and never applied."""
+    committer, (zero, _), made, _, failed = opened
+
+    async def unreachable(*, force: bool = False) -> bool:
+        raise KafkaConnectionError("no broker")
+
+    monkeypatch.setattr(TOPIC_INFO, "stale", True)
+    monkeypatch.setattr(TOPIC_INFO, "refresh", unreachable)
+    offer(zero, create(0, ids_of(0, 1)[0], "r1"))
+    await committer.cycle(1_000)
+    ((numbers, error),) = failed
+    assert numbers == [0] and isinstance(error, KafkaConnectionError)
+    assert zero.next_offset == 0 and zero.store is not None and zero.store.records() == {}
+    assert all("begin" not in producer.calls for producer in made)
 
 
 async def test_a_timer_only_transaction_carries_the_offset_and_a_progress_record(
