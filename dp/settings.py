@@ -173,10 +173,12 @@ class ProcessorSettings(Settings):
     kafka: Kafka = field(default_factory=Kafka)
     topics: Topics = field(default_factory=Topics)
     group: str = setting("dp", "application id: consumer group and transactional-id prefix")
-    data_dir: Path = setting(Path("data"), "RocksDB root")
-    max_batch: int = setting(2_000, "most commands in one batch (one transaction)")
+    data_dir: Path = setting(
+        Path("data"), "RocksDB root, and the home of the processor's transactional id: one processor per dir"
+    )
+    max_batch: int = setting(2_000, "most commands in one transaction (all partitions together)")
     max_batch_bytes: int = setting(
-        4 * 1024 * 1024, "about the most command bytes in one batch (memory: ~10x per partition)"
+        4 * 1024 * 1024, "about the most command bytes in one transaction (memory: up to 4x queued per partition)"
     )
     max_record_bytes: int = setting(DEFAULT_LIMITS.max_record_bytes, "largest command accepted, in bytes")
     max_data_bytes: int = setting(DEFAULT_LIMITS.max_data_bytes, "largest decoded param or value data, in bytes")

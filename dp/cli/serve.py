@@ -14,8 +14,9 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
         "serve",
         help="run a processor (one member of the consumer group)",
         description="Apply commands from the commands topic, one single writer per partition, with state in "
-        "RocksDB under --data-dir and replies, events and changelog written exactly once. Run several with "
-        "the same --group to share the partitions. SIGTERM/SIGINT finish the batch in flight and exit 0.",
+        "RocksDB under --data-dir and replies, events and changelog written exactly once: one transaction per "
+        "cycle for all the partitions this processor owns. Run several with the same --group to share the "
+        "partitions, each with its own --data-dir. SIGTERM/SIGINT finish the transaction in flight and exit 0.",
     )
     add_flags(serving, ProcessorSettings, "processor")
     add_connection_flags(serving)

@@ -148,6 +148,20 @@ def opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Opened:
     return Opened(committer, partitions, made, scripts, failed)
 
 
+@pytest.fixture
+def published(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
+    """The messages of every transaction the committer packs, in order."""
+    seen: list[list[Any]] = []
+    original = committer_module.batched
+
+    def spy(producer: Any, messages: list[Any], limits: Any = None) -> Any:
+        seen.append(messages)
+        return original(producer, messages, limits)
+
+    monkeypatch.setattr(committer_module, "batched", spy)
+    return seen
+
+
 def offer(partition: Partition, *records: Record) -> None:
     partition.offer(list(records), Consumer())  # type: ignore[arg-type]
 
@@ -209,17 +223,9 @@ async def test_a_failure_before_the_transaction_hands_the_busy_partitions_back(
 
 
 async def test_a_timer_only_transaction_carries_the_offset_and_a_progress_record(
-    opened: Opened, monkeypatch: pytest.MonkeyPatch
+    opened: Opened, published: list[list[Any]]
 ) -> None:
     committer, (zero, _), made, _, _ = opened
-    published: list[list[Any]] = []
-    original = committer_module.batched
-
-    def spy(producer: Any, messages: list[Any], limits: Any = None) -> Any:
-        published.append(messages)
-        return original(producer, messages, limits)
-
-    monkeypatch.setattr(committer_module, "batched", spy)
     offer(zero, create(0, ids_of(0, 1)[0], "r1", timeout=2_000))
     await committer.cycle(1_000)
     await committer.cycle(3_000)  # nothing queued: the timeout alone
@@ -249,17 +255,9 @@ async def test_a_timeout_completed_early_does_not_hide_the_next_one(opened: Open
 
 
 async def test_a_record_kafka_refuses_is_refused_alone_and_the_rest_commits(
-    opened: Opened, monkeypatch: pytest.MonkeyPatch
+    opened: Opened, published: list[list[Any]]
 ) -> None:
     committer, (zero, _), made, scripts, _ = opened
-    published: list[list[Any]] = []
-    original = committer_module.batched
-
-    def spy(producer: Any, messages: list[Any], limits: Any = None) -> Any:
-        published.append(messages)
-        return original(producer, messages, limits)
-
-    monkeypatch.setattr(committer_module, "batched", spy)
     a, b = ids_of(0, 2)
     # The transaction's first send is refused; replayed singly, a commits (its event, reply and changelog
     # sends), b's first send is refused again, and b's refusal commits on a third producer.
