@@ -148,7 +148,7 @@ class Committer:
         """Cycle until cancelled: wait for work, commit it, repeat."""
         while True:
             await self._wait_for_work()
-            self._cycle = asyncio.create_task(self.cycle(now_ms()))
+            self._cycle = asyncio.create_task(self.cycle())
             await asyncio.wait([self._cycle])
             if not self._cycle.cancelled() and (error := self._cycle.exception()) is not None:
                 log.error("a commit cycle failed unexpectedly", exc_info=error)
@@ -168,17 +168,23 @@ class Committer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work.wait(), max(0.0, (min(deadlines) - now) / 1000))
 
-    async def cycle(self, now: int) -> None:
+    async def cycle(self, now: int | None = None) -> None:
         """One transaction for the work of the moment of every open partition. On any failure the partitions
         that had work are handed back to the processor (`on_failure`), which reopens them from Kafka's truth
         after a backoff (so records taken from their queues are fetched again, and a broker that is gone
-        is not retried in a spin), and the producer is replaced."""
+        is not retried in a spin), and the producer is replaced.
+
+        The batch time is read after the last wait before records are taken (a fixed `now` is for tests), so
+        no command is stamped with a time before it was appended to the log.
+        """
         if self._held or self.group is None:
             return
-        busy = [partition for partition in self.partitions.values() if partition.has_work(now)]
+        busy = [partition for partition in self.partitions.values() if partition.has_work(now or now_ms())]
         try:
             if self.reply_topics.stale:
                 await self.reply_topics.refresh()
+            now = now or now_ms()
+            busy = [partition for partition in self.partitions.values() if partition.has_work(now)]
             steps = await self._collect(busy, now)
             if not steps:
                 return
@@ -196,7 +202,8 @@ class Committer:
 
     async def _collect(self, busy: list[Partition], now: int) -> list[Step]:
         """Each busy partition's step: its queued records (all partitions together within `max_batch` and
-        `max_batch_bytes`, taken in a rotating order so that none starves) and its due timeouts."""
+        `max_batch_bytes`, taken in a rotating order so that none starves) and its due timeouts. Every record
+        is taken before the first wait."""
         if not busy:
             return []
         start = self._rotation % len(busy)

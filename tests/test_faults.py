@@ -18,7 +18,7 @@ from aiokafka.errors import IllegalGenerationError, UnknownMemberIdError
 
 from consumers import committer as committer_module
 from consumers import kip447
-from consumers.committer import Committer, now_ms
+from consumers.committer import Committer
 from consumers.effects import Route
 from consumers.partition import Partition
 from consumers.reply_topics import ReplyTopics
@@ -185,7 +185,7 @@ async def run_zombie(
             while len(fetched) < len(ids):
                 fetched.extend((await consumer.getmany(source, timeout_ms=500)).get(source, []))
             partition.offer(fetched, consumer)
-            cycle = asyncio.create_task(committer.cycle(now_ms()))
+            cycle = asyncio.create_task(committer.cycle())
             await asyncio.wait_for(frozen.reached.wait(), 60)
             await consumer.stop()  # the zombie's membership ends; its transaction stays open
             owner = spawn("owner", group=group)
@@ -205,7 +205,7 @@ async def run_zombie(
             await client.wait_for(late_sent, seconds=60)
             partition.offer(await read_from(kafka, source, partition.next_offset), consumer)
             monkeypatch.setattr(committer_module, "send_offsets", kip447.send_offsets)
-            await committer.cycle(now_ms())
+            await committer.cycle()
         return ids + late[:5], sent + late_sent, committer, failures, owner
     finally:
         await consumer.stop()

@@ -222,6 +222,27 @@ async def test_a_failure_before_the_transaction_hands_the_busy_partitions_back(
     assert all("begin" not in producer.calls for producer in made)
 
 
+async def test_a_command_that_arrives_while_the_cycle_waits_is_stamped_after_it_arrived(
+    opened: Opened, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch time is read after the cycle's last wait: a time before the command reached the log would
+    contradict the log (the chaos run's verifier checks every stamp against it)."""
+    committer, (zero, _), _, _, _ = opened
+    (promise_id,) = ids_of(0, 1)
+    arrived: list[int] = []
+
+    async def slow_refresh(*, force: bool = False) -> bool:
+        await asyncio.sleep(0.005)  # describing the topics takes a few milliseconds of the broker's time
+        arrived.append(committer_module.now_ms())
+        offer(zero, create(0, promise_id, "r1"))
+        return True
+
+    monkeypatch.setattr(TOPIC_INFO, "stale", True)
+    monkeypatch.setattr(TOPIC_INFO, "refresh", slow_refresh)
+    await committer.cycle()
+    assert zero.store is not None and zero.store.records()[promise_id].created_on >= arrived[0]
+
+
 async def test_a_timer_only_transaction_carries_the_offset_and_a_progress_record(
     opened: Opened, published: list[list[Any]]
 ) -> None:
