@@ -39,7 +39,7 @@ from aiokafka.structs import RecordMetadata
 from consumers.effects import Outgoing, record_bytes
 from consumers.failures import Failure, classify
 from consumers.kip447 import GroupMetadata, send_offsets
-from consumers.partition import Partition, Step
+from consumers.partition import DUE_PER_STEP, Partition, Step
 from consumers.reply_topics import ReplyTopics
 from consumers.store import DataDir
 from dp.kafka import TRANSACTION_TIMEOUT_MS, discard, transactional_producer
@@ -211,14 +211,23 @@ class Committer:
         count, size = self.max_batch, self.max_batch_bytes
         steps: list[Step] = []
         misses = self.reply_topics.misses
+        budgets: list[tuple[int, int]] = []
         for partition in busy[start:] + busy[:start]:
             records = partition.take(count, size) if count > 0 and size > 0 else []
             count -= len(records)
             size -= sum(len(record.value or b"") for record in records)
-            steps.append(partition.step(records, now, self.reply_topics))
+            # Due timeouts share the budget: a backlog of them after downtime must not make one transaction
+            # too large to commit in time, again and again.
+            timers, timer_bytes = min(DUE_PER_STEP, max(count, 0)), max(size, 1)
+            budgets.append((timers, timer_bytes))
+            steps.append(partition.step(records, now, self.reply_topics, timers=timers, timer_bytes=timer_bytes))
+            count -= len(steps[-1].due)
         if self.reply_topics.misses != misses:  # a topic not known yet: learn it (or that it is missing), recompute
             await self.reply_topics.settle()
-            steps = [step.partition.step(step.records, now, self.reply_topics) for step in steps]
+            steps = [
+                step.partition.step(step.records, now, self.reply_topics, timers=timers, timer_bytes=timer_bytes)
+                for step, (timers, timer_bytes) in zip(steps, budgets, strict=True)
+            ]
         return [step for step in steps if not step.empty]
 
     async def _isolate(self, step: Step) -> None:
@@ -229,16 +238,16 @@ class Committer:
             await self._commit([partition.step([], now, topics)])
         for record in step.records:
             try:
-                await self._commit([partition.step([record], now, topics, timers=False)])
+                await self._commit([partition.step([record], now, topics, timers=0)])
                 continue
             except SendsRefused as refused:
                 reason = f"Kafka refused this command's output ({refused}): not applied"
             try:
-                await self._commit([partition.step([record], now, topics, {record.offset: reason}, timers=False)])
+                await self._commit([partition.step([record], now, topics, {record.offset: reason}, timers=0)])
             except SendsRefused as again:
                 log.error("partition %d: offset %d passed over: even its refusal was refused (%s)",
                           partition.route.partition, record.offset, again)  # fmt: skip
-                await self._commit([partition.step([record], now, topics, {record.offset: None}, timers=False)])
+                await self._commit([partition.step([record], now, topics, {record.offset: None}, timers=0)])
 
     async def _commit(self, steps: list[Step]) -> None:
         """Publish the steps in one transaction, then persist each partition's share."""

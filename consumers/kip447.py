@@ -123,6 +123,14 @@ def assignment_of(consumer: AIOKafkaConsumer, group_id: str) -> GroupMetadata:
     return GroupMetadata(group_id, generation, member_id, instance_id)
 
 
+def request_rejoin(consumer: AIOKafkaConsumer) -> None:
+    """Make `consumer` rejoin its group (a new generation) at its next chance: for an assignment whose
+    generation could not be captured, which no transaction may be sent under."""
+    coordinator = consumer._coordinator
+    if coordinator is not None:
+        coordinator.request_rejoin()
+
+
 async def send_offsets(producer: AIOKafkaProducer, offsets: Mapping[TopicPartition, int], group: GroupMetadata) -> None:
     """Add `offsets` (the next offset to consume, per partition) to the producer's open transaction
     with TxnOffsetCommit v3, fenced by `group`'s generation and member id.

@@ -167,17 +167,19 @@ class Partition:
         reply_topics: ReplyTopics,
         refusals: Mapping[int, str | None] | None = None,
         *,
-        timers: bool = True,
+        timers: int = DUE_PER_STEP,
+        timer_bytes: int | None = None,
     ) -> Step:
-        """Apply `records` (and, with `timers`, the timeouts due at `now`) to a copy of the state: the store is
-        read, never written. The effects end with this partition's progress record, which every transaction
-        touching the partition carries (I1), timer-only ones too: it records `now`, so that a new owner's
-        clock never runs back."""
+        """Apply `records`, and at most `timers` of the timeouts due at `now` (about `timer_bytes` of records,
+        by default `max_batch_bytes`), to a copy of the state: the store is read, never written. The effects
+        end with this partition's progress record, which every transaction touching the partition carries
+        (I1), timer-only ones too: it records `now`, so that a new owner's clock never runs back."""
         assert self.store is not None, "partition is not open"
         now = max(now, self.store.last_now)
         fresh = [record for record in records if record.offset >= self.next_offset]
-        due = self.store.due(now, DUE_PER_STEP, self.max_batch_bytes) if timers and self.due(now) else []
-        if timers and self.due(now) and not due:  # the earliest timeout was completed meanwhile: look again
+        sweep = timers > 0 and self.due(now)
+        due = self.store.due(now, timers, timer_bytes or self.max_batch_bytes) if sweep else []
+        if sweep and not due:  # the earliest timeout was completed meanwhile: look again
             self.next_deadline = self.store.next_deadline()
         effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics, refusals)
         next_offset = fresh[-1].offset + 1 if fresh else self.next_offset

@@ -16,17 +16,18 @@ import time
 from collections.abc import Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import InvalidProducerEpoch, ProducerFenced
 from aiokafka.structs import ConsumerRecord
 
 from consumers.committer import PUBLISH_TIMEOUT_S, Committer
 from consumers.effects import Route
 from consumers.failures import Failure, classify
-from consumers.kip447 import assignment_of
+from consumers.kip447 import assignment_of, request_rejoin
 from consumers.partition import Partition
 from consumers.reply_topics import ReplyTopics
 from consumers.store import DataDir
 from dp.errors import BrokerUnreachable
-from dp.kafka import command_consumer
+from dp.kafka import DISCARD_S, command_consumer
 from dp.settings import ProcessorSettings
 from dp.topics import check_configs, check_topics
 
@@ -38,8 +39,9 @@ RETRY_BACKOFF_S = (0.5, 1, 2, 5, 10)
 # a rebalance is on its way and will revoke the partition, or give it back: wait for it rather than
 # spin. A fatal failure retries rarely, and loudly.
 REOPEN_S = {Failure.FENCED: 15.0, Failure.RETRIABLE: 0.5, Failure.POISON: 0.5, Failure.FATAL: 30.0}
-# The transaction in flight gets this long to end when its partitions are revoked or the process stops.
-HOLD_S = PUBLISH_TIMEOUT_S + 2
+# The transaction in flight gets this long to end when its partitions are revoked or the process stops:
+# a publish abandoned at its bound, then its producer discarded at its bound.
+HOLD_S = PUBLISH_TIMEOUT_S + DISCARD_S + 2
 
 
 class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -137,7 +139,14 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         """Capture the generation the transactions will carry (I2), and open the new partitions."""
         assert self.consumer is not None and self.committer is not None
-        self.committer.group = assignment_of(self.consumer, self.settings.group)
+        assigned = set(assigned)
+        await self.close([tp for tp in self.partitions if tp not in assigned])  # left by a revocation that failed
+        try:
+            self.committer.group = assignment_of(self.consumer, self.settings.group)
+        except ValueError as error:  # the membership was lost between the join and this call
+            log.error("%s Rejoining the group.", error)
+            request_rejoin(self.consumer)
+            return
         self.committer.resume()
         fresh = [tp for tp in assigned if tp not in self.partitions]
         self.consumer.pause(*fresh)
@@ -156,9 +165,13 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
             if self.committer is not None:
                 self.committer.release(tp)
             partition = self.partitions.pop(tp, None)
-            if partition is not None:
+            if partition is None:
+                continue
+            try:
                 partition.close()
-                log.info("partition %d: closed", tp.partition)
+            except Exception:  # the others must close all the same: a partition left open could be written twice
+                log.exception("partition %d: its store did not close cleanly", tp.partition)
+            log.info("partition %d: closed", tp.partition)
 
     # --- supervision ------------------------------------------------------------------------
 
@@ -213,9 +226,13 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         delay = REOPEN_S[failure]
         if failure is Failure.FATAL:
             log.error("partitions %s: %s; reopening in %.0fs", numbers, failure.value, delay, exc_info=error)
+        elif isinstance(error, ProducerFenced | InvalidProducerEpoch):
+            log.warning("partitions %s: the producer was fenced: its transaction outlived the transaction timeout, "
+                        "or another processor uses this data dir's transactional id (a copied data dir?); "
+                        "reopening in %.1fs", numbers, delay)  # fmt: skip
         else:
             log.warning(
-                "partitions %s: %s (%s); reopening in %.1fs", numbers, failure.value, error or repr(error), delay
+                "partitions %s: %s (%s); reopening in %.1fs", numbers, failure.value, str(error) or repr(error), delay
             )
         for partition in partitions:
             tp = partition.source

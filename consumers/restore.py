@@ -41,8 +41,8 @@ class StoreAhead(Exception):
 async def restore(kafka: Kafka, changelog: TopicPartition, store: PartitionStore) -> int:
     """Replay the changelog from the store's offset to the end; returns the records replayed."""
     consumer = restore_consumer(kafka)
-    await consumer.start()
     try:
+        await consumer.start()
         consumer.assign([changelog])
         end = await stable_end(kafka, consumer, changelog)
         start = store.changelog_offset
@@ -76,8 +76,8 @@ async def restore(kafka: Kafka, changelog: TopicPartition, store: PartitionStore
 async def stable_end(kafka: Kafka, consumer: AIOKafkaConsumer, changelog: TopicPartition) -> int:
     """The changelog's last stable offset, once it has reached the high watermark read now (I5)."""
     watermarks = watermark_reader(kafka)
-    await watermarks.start()
     try:
+        await watermarks.start()
         high = int((await watermarks.end_offsets([changelog]))[changelog])
     finally:
         await watermarks.stop()

@@ -29,6 +29,8 @@ MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
 # As Kafka Streams sets it under exactly-once: a transaction abandoned by a process that froze or died is
 # aborted by the coordinator within seconds, so a partition's next owner (invariant I5) never waits long.
 TRANSACTION_TIMEOUT_MS: Final = 10_000
+# The longest `discard` waits for a failed producer to stop before it tears it down.
+DISCARD_S: Final = 10.0
 
 
 def options(kafka: Kafka) -> dict[str, Any]:
@@ -146,21 +148,29 @@ async def started(kafka: Kafka, client: C) -> AsyncIterator[C]:
         await _stop(client)
 
 
-async def discard(producer: AIOKafkaProducer, seconds: float = 10.0) -> None:
+async def discard(producer: AIOKafkaProducer, seconds: float = DISCARD_S) -> None:
     """Stop a producer after a transactional failure, never to be reused, within `seconds`.
 
     aiokafka's `stop()` first waits for every pending batch, which never comes when a send is retried
-    forever (a deleted topic's AddPartitionsToTxn); past the bound its sender is cancelled and its
-    connections closed. The transaction it left open is aborted by the next producer with its id.
+    forever (a deleted topic's AddPartitionsToTxn); past the bound, or when the caller is cancelled
+    meanwhile, its sender is cancelled and its connections closed. The transaction it left open is
+    aborted by the next producer with its id.
     """
     try:
         await asyncio.wait_for(producer.stop(), seconds)
     except (TimeoutError, KafkaError):
-        sender = producer._sender.sender_task
-        if sender is not None:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-        await producer.client.close()
+        await _abandon(producer)
+    except BaseException:
+        await _abandon(producer)
+        raise
+
+
+async def _abandon(producer: AIOKafkaProducer) -> None:
+    sender = producer._sender.sender_task
+    if sender is not None:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    await producer.client.close()
 
 
 async def _stop(client: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient) -> None:

@@ -275,6 +275,20 @@ async def test_a_timeout_completed_early_does_not_hide_the_next_one(opened: Open
     assert {i: p.state for i, p in zero.store.records().items()} == {first: "RESOLVED", second: "REJECTED_TIMEDOUT"}
 
 
+async def test_due_timeouts_share_the_transaction_s_budget(opened: Opened, published: list[list[Any]]) -> None:
+    """After downtime a backlog of timeouts must not make one transaction too large to commit, ever again."""
+    committer, (zero, one), _, _, _ = opened  # max_batch 100 per transaction
+    for partition, ids in ((zero, ids_of(0, 80)), (one, ids_of(1, 80))):
+        offer(partition, *(create(n, i, f"r{i}", timeout=2_000) for n, i in enumerate(ids)))
+    await committer.cycle(1_000)
+    await committer.cycle(1_000)  # 160 creates: two transactions
+    before = len(published)
+    while zero.due(3_000) or one.due(3_000):
+        await committer.cycle(3_000)
+    timed_out = [sum(1 for m in messages if m.topic == TOPICS.events) for messages in published[before:]]
+    assert sum(timed_out) == 160 and max(timed_out) <= 100
+
+
 async def test_a_record_kafka_refuses_is_refused_alone_and_the_rest_commits(
     opened: Opened, published: list[list[Any]]
 ) -> None:
