@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import time
 from typing import Final
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 # The committer's record packing; importing it also sets its aiokafka tuning (CONCURRENT_TRANSACTIONS back-off).
-from consumers.committer import batched
+from consumers.committer import batched, now_ms
 from consumers.effects import Outgoing
 from consumers.kip447 import GroupMetadata, assignment_of, send_offsets
 from consumers.partition import QUEUE_BATCHES
@@ -136,7 +135,7 @@ class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
         return taken
 
     async def _transaction(self, taken: dict[TopicPartition, list[ConsumerRecord]], group: GroupMetadata) -> None:
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         messages: list[Outgoing] = []
         offsets: dict[TopicPartition, int] = {}
         for tp, records in taken.items():

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import msgspec
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from hdrh.histogram import HdrHistogram
 
 from dp import kafka as clients
@@ -103,6 +103,14 @@ class Report:
 # --- replies -------------------------------------------------------------------------------------
 
 
+async def assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of `topic` to a started group-less consumer, once its metadata is known."""
+    partitions = await consumer._client._wait_on_metadata(topic)
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    return tps
+
+
 class Replies:
     """Reads the replies topic from its end; counts replies and times those of commands we sent."""
 
@@ -119,9 +127,7 @@ class Replies:
 
     async def __aenter__(self) -> Replies:
         await self._consumer.start()
-        partitions = await self._consumer._client._wait_on_metadata(self.topic)
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
+        tps = await assign_all(self._consumer, self.topic)
         for tp, end in (await self._consumer.end_offsets(tps)).items():
             self._consumer.seek(tp, end)
         self._task = asyncio.create_task(self._read())
@@ -204,9 +210,7 @@ class Transactions:
 
     async def __aenter__(self) -> Transactions:
         await self._consumer.start()
-        partitions = await self._consumer._client._wait_on_metadata(self.topic)
-        self._partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self._consumer.assign(self._partitions)
+        self._partitions = await assign_all(self._consumer, self.topic)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalGenerationError, UnknownMemberIdError
 
 from consumers import committer as committer_module
@@ -144,6 +146,71 @@ class Frozen:
             await kip447.send_offsets(producer, offsets, group)
 
 
+@dataclass
+class InProcess:
+    """The real committer and one partition (0) of a group member, run in the test's process."""
+
+    consumer: AIOKafkaConsumer
+    committer: Committer
+    partition: Partition
+    failures: list[BaseException]
+
+    @property
+    def source(self) -> TopicPartition:
+        return self.partition.source
+
+
+@contextlib.asynccontextmanager
+async def in_process(kafka: Kafka, topics: Topics, data_root: Path, group: str) -> AsyncIterator[InProcess]:
+    """Join `group`, own partition 0 (the others paused), open it as `dp serve` would; stop it all after."""
+    consumer = clients.command_consumer(kafka, group)
+    consumer.subscribe([topics.commands])
+    await consumer.start()
+    data_dir = DataDir(data_root, group)
+    reply_topics = ReplyTopics(kafka, always=(topics.replies, topics.dlq, topics.events, topics.changelog))
+    await reply_topics.start()
+    failures: list[BaseException] = []
+    committer = Committer(kafka, data_dir, reply_topics, 2_000, 4 << 20, lambda _, error: failures.append(error))
+    partition = Partition(kafka, data_dir, Route(0, TEST_PARTITIONS, topics, DEFAULT_LIMITS), 2_000, 4 << 20)
+    try:
+        await wait_until(lambda: partition.source in consumer.assignment(), 60, "the assignment of partition 0")
+        consumer.pause(*(tp for tp in consumer.assignment() if tp != partition.source))
+        committer.group = kip447.assignment_of(consumer, group)
+        await partition.open(consumer)
+        committer.adopt(partition)
+        yield InProcess(consumer, committer, partition, failures)
+    finally:
+        await consumer.stop()
+        await committer.close()
+        partition.close()
+        await reply_topics.close()
+        data_dir.release()
+
+
+def partition_0_ids(prefix: str, count: int) -> list[str]:
+    ids = [i for i in (unique(prefix) for _ in range(400)) if partition_for(i.encode(), TEST_PARTITIONS) == 0]
+    return ids[:count]
+
+
+async def offer_creates(owner: InProcess, client: WireClient, prefix: str, count: int) -> tuple[list[str], list[str]]:
+    """Send `count` creates of partition 0 and queue them, fetched, on the in-process partition."""
+    ids = partition_0_ids(prefix, count)
+    sent = await client.send_all([create(i) for i in ids])
+    fetched: list[Any] = []
+    while len(fetched) < count:
+        fetched.extend((await owner.consumer.getmany(owner.source, timeout_ms=500)).get(owner.source, []))
+    owner.partition.offer(fetched, owner.consumer)
+    return ids, sent
+
+
+def opened_at(log: str, partition: int) -> tuple[int, int]:
+    """(records restored, command offset) of the partition's last open in a processor's log."""
+    pattern = rf"partition {partition}: open \(restored (\d+) records in [\d.]+s, commands from offset (\d+)\)"
+    opens = re.findall(pattern, log)
+    assert opens, f"partition {partition} never opened"
+    return int(opens[-1][0]), int(opens[-1][1])
+
+
 async def run_zombie(
     kafka: Kafka,
     topics: Topics,
@@ -161,58 +228,30 @@ async def run_zombie(
     monkeypatch.setattr(committer_module, "PUBLISH_TIMEOUT_S", 100.0)
     monkeypatch.setattr(committer_module, "send_offsets", frozen)
     group = f"g-{uuid.uuid4().hex[:8]}"
-    source = TopicPartition(topics.commands, 0)
-    consumer = clients.command_consumer(kafka, group)
-    consumer.subscribe([topics.commands])
-    await consumer.start()
-    data_dir = DataDir(tmp_path / "zombie", group)
-    reply_topics = ReplyTopics(kafka, always=(topics.replies, topics.dlq, topics.events, topics.changelog))
-    await reply_topics.start()
-    failures: list[BaseException] = []
-    committer = Committer(kafka, data_dir, reply_topics, 2_000, 4 << 20, lambda _, error: failures.append(error))
-    partition = Partition(kafka, data_dir, Route(0, TEST_PARTITIONS, topics, DEFAULT_LIMITS), 2_000, 4 << 20)
-    try:
-        await wait_until(lambda: source in consumer.assignment(), 60, "the zombie's assignment")
-        consumer.pause(*(tp for tp in consumer.assignment() if tp != source))
-        committer.group = kip447.assignment_of(consumer, group)
-        await partition.open(consumer)
-        committer.adopt(partition)
-        ids = [i for i in (unique("z") for _ in range(400)) if partition_for(i.encode(), TEST_PARTITIONS) == 0]
-        ids = ids[:FROZEN_CREATES]
-        async with WireClient(kafka, topics) as client:
-            sent = await client.send_all([create(i) for i in ids])
-            fetched: list[Any] = []
-            while len(fetched) < len(ids):
-                fetched.extend((await consumer.getmany(source, timeout_ms=500)).get(source, []))
-            partition.offer(fetched, consumer)
-            cycle = asyncio.create_task(committer.cycle())
-            await asyncio.wait_for(frozen.reached.wait(), 60)
-            await consumer.stop()  # the zombie's membership ends; its transaction stays open
-            owner = spawn("owner", group=group)
-            waiting = "partition 0: waiting for a previous owner's transaction to end"
-            await wait_until(lambda: waiting in owner.log.read_text(), 60, "the new owner waiting (I5)")
-            frozen.wake.set()
-            await asyncio.wait_for(cycle, 60)
-            await client.wait_for(sent, seconds=60)
-            await wait_until(lambda: 0 in owner.owned(), 60, "the new owner serving partition 0")
-            # One more command through the new owner: everything before it is settled once it is answered.
-            sent.append(await client.send(complete("resolve", ids[0])))
-            await client.wait_for(sent, seconds=60)
-            # Still holding the partition, the zombie takes the newest commands (the owner answered them too)
-            # into a later transaction: the group refuses its offsets (I2), so nothing of it becomes visible.
-            late = [i for i in (unique("late") for _ in range(400)) if partition_for(i.encode(), TEST_PARTITIONS) == 0]
-            late_sent = await client.send_all([create(i) for i in late[:5]])
-            await client.wait_for(late_sent, seconds=60)
-            partition.offer(await read_from(kafka, source, partition.next_offset), consumer)
-            monkeypatch.setattr(committer_module, "send_offsets", kip447.send_offsets)
-            await committer.cycle()
-        return ids + late[:5], sent + late_sent, committer, failures, owner
-    finally:
-        await consumer.stop()
-        await committer.close()
-        partition.close()
-        await reply_topics.close()
-        data_dir.release()
+    async with in_process(kafka, topics, tmp_path / "zombie", group) as zombie, WireClient(kafka, topics) as client:
+        ids, sent = await offer_creates(zombie, client, "z", FROZEN_CREATES)
+        cycle = asyncio.create_task(zombie.committer.cycle())
+        await asyncio.wait_for(frozen.reached.wait(), 60)
+        await zombie.consumer.stop()  # the zombie's membership ends; its transaction stays open
+        owner = spawn("owner", group=group)
+        waiting = "partition 0: waiting for a previous owner's transaction to end"
+        await wait_until(lambda: waiting in owner.log.read_text(), 60, "the new owner waiting (I5)")
+        frozen.wake.set()
+        await asyncio.wait_for(cycle, 60)
+        await client.wait_for(sent, seconds=60)
+        await wait_until(lambda: 0 in owner.owned(), 60, "the new owner serving partition 0")
+        # One more command through the new owner: everything before it is settled once it is answered.
+        sent.append(await client.send(complete("resolve", ids[0])))
+        await client.wait_for(sent, seconds=60)
+        # Still holding the partition, the zombie takes the newest commands (the owner answered them too)
+        # into a later transaction: the group refuses its offsets (I2), so nothing of it becomes visible.
+        late = partition_0_ids("late", 5)
+        late_sent = await client.send_all([create(i) for i in late])
+        await client.wait_for(late_sent, seconds=60)
+        zombie.partition.offer(await read_from(kafka, zombie.source, zombie.partition.next_offset), zombie.consumer)
+        monkeypatch.setattr(committer_module, "send_offsets", kip447.send_offsets)
+        await zombie.committer.cycle()
+        return ids + late, sent + late_sent, zombie.committer, zombie.failures, owner
 
 
 async def read_from(kafka: Kafka, source: TopicPartition, offset: int) -> list[Any]:
@@ -252,11 +291,8 @@ async def test_a_zombie_whose_offsets_were_accepted_commits_and_the_new_owner_re
     )
     assert committer.transactions == 1  # the zombie's commit landed; its later transaction was refused
     assert [type(error) for error in failures] in ([UnknownMemberIdError], [IllegalGenerationError])
-    opened = re.search(
-        r"partition 0: open \(restored (\d+) records in [\d.]+s, commands from offset (\d+)\)", owner.log.read_text()
-    )
-    assert opened is not None
-    assert int(opened[1]) >= FROZEN_CREATES + 1 and int(opened[2]) == FROZEN_CREATES  # restored it, resumed after it
+    restored, resumed = opened_at(owner.log.read_text(), 0)
+    assert restored >= FROZEN_CREATES + 1 and resumed == FROZEN_CREATES  # restored it, resumed after it
     await verify_creates_once(kafka, topics, sent, ids)
 
 
@@ -268,7 +304,36 @@ async def test_a_zombie_frozen_before_its_offsets_is_fenced_and_nothing_it_did_i
     )
     assert committer.transactions == 0  # refused when it woke, and again later
     assert len(failures) == 2 and {type(e) for e in failures} <= {UnknownMemberIdError, IllegalGenerationError}
-    assert re.search(
-        r"partition 0: open \(restored 0 records in [\d.]+s, commands from offset 0\)", owner.log.read_text()
-    )
+    assert opened_at(owner.log.read_text(), 0) == (0, 0)
+    await verify_creates_once(kafka, topics, sent, ids)
+
+
+class Crash(BaseException):
+    """The process dies here (not an error the committer could handle)."""
+
+
+async def test_a_crash_between_the_kafka_commit_and_the_rocksdb_write_loses_and_repeats_nothing(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst moment of the commit path: the transaction committed, RocksDB never written. The next processor
+    on the same data dir restores that transaction from the changelog and resumes after it."""
+
+    def crash(self: Partition, step: Any, changelog_end: int) -> None:
+        raise Crash
+
+    monkeypatch.setattr(Partition, "persist", crash)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    async with WireClient(kafka, topics) as client:
+        async with in_process(kafka, topics, tmp_path / "data-a", group) as dying:
+            ids, sent = await offer_creates(dying, client, "c", FROZEN_CREATES)
+            with pytest.raises(Crash):
+                await dying.committer.cycle()
+            assert dying.partition.store is not None and dying.partition.store.changelog_offset == 0
+            await client.wait_for(sent, seconds=60)  # committed: its replies are out
+        restarted = spawn("a", group=group)
+        await wait_until(lambda: 0 in restarted.owned(), 60, "the restarted processor serving partition 0")
+        sent.append(await client.send(complete("resolve", ids[0])))
+        await client.wait_for(sent, seconds=60)
+    restored, resumed = opened_at(restarted.log.read_text(), 0)
+    assert restored >= FROZEN_CREATES + 1 and resumed == FROZEN_CREATES
     await verify_creates_once(kafka, topics, sent, ids)
