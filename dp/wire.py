@@ -32,8 +32,14 @@ Status = Literal[
     "already_canceled",
     "already_timedout",
     "invalid",
+    "unchanged",
 ]
-OK_STATUSES: Final[frozenset[str]] = frozenset(("created", "resolved", "rejected", "canceled", "deduplicated", "found"))
+OK_STATUSES: Final[frozenset[str]] = frozenset(
+    ("created", "resolved", "rejected", "canceled", "deduplicated", "found", "unchanged")
+)
+SearchState = Literal["pending", "resolved", "rejected"]
+"""A search's state filter: `rejected` also matches canceled and timed-out promises."""
+MAX_SEARCH_LIMIT: Final = 100
 
 # Epoch milliseconds, bounded to a signed 64-bit long so that every Kafka client language can hold it.
 Millis = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -116,7 +122,35 @@ class Get(_Command, frozen=True, tag="get"):
     """Read a promise (through the log, so the answer is linearizable)."""
 
 
-Command = Create | Resolve | Reject | Cancel | Get
+class Position(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """A place in search order (newest first: by `createdOn` descending, then `id` descending)."""
+
+    created_on: int
+    id: str
+
+
+class Snapshot(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """What one partition's search answer reflected: its change `version` at its clock's `at`."""
+
+    partition: Partition
+    version: Annotated[int, msgspec.Meta(ge=0)]
+    at: Millis
+
+
+@final
+class Search(_Command, frozen=True, tag="search", kw_only=True):
+    """Search one partition (sent with an explicit partition and no key): `id` is a pattern where `*`
+    matches any run of characters. Answers the newest matches after `after`; with `since`, answers
+    `unchanged` instead when nothing the query could see changed on this partition since that snapshot."""
+
+    state: SearchState | None = None
+    tags: dict[str, str] = {}
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEARCH_LIMIT)] = MAX_SEARCH_LIMIT
+    after: Position | None = None
+    since: Snapshot | None = None
+
+
+Command = Create | Resolve | Reject | Cancel | Get | Search
 _OP_NAMES: Final[dict[type[Command], str]] = {kind: str(kind.__struct_config__.tag) for kind in get_args(Command)}
 OPS: Final[tuple[str, ...]] = tuple(_OP_NAMES.values())
 
@@ -131,6 +165,12 @@ class Reply(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     status: StatusText
     promise: Promise | None = None
     error: str | None = None
+    promises: list[Promise] | None = None
+    """A search's page from one partition, newest first."""
+    next: Position | None = None
+    """A search's resume point when the partition has more matches than the page holds."""
+    snapshot: Snapshot | None = None
+    """What a search answer reflected; sent back as `since` to confirm nothing changed."""
 
 
 class Event(msgspec.Struct, frozen=True, gc=False, rename="camel"):
@@ -224,7 +264,7 @@ def _check_sizes(command: Command, limits: Limits) -> None:
         raise InvalidCommand(f"`id`: must be at most {limits.max_id_bytes} UTF-8 bytes, got {id_bytes}")
     if type(command) is Create:
         _check_data("param", command.param, limits)
-    elif type(command) is not Get:
+    elif isinstance(command, Completion):
         _check_data("value", command.value, limits)
 
 
