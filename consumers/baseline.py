@@ -147,7 +147,7 @@ class Pipe(ConsumerRebalanceListener):  # type: ignore[misc]
                 for topic, partition in (reply, event, changelog)
             )
             offsets[tp] = records[-1].offset + 1
-            messages.append(Outgoing(*changelog, PROGRESS_KEY, progress_record(offsets[tp], now)))
+            messages.append(Outgoing(*changelog, PROGRESS_KEY, progress_record(offsets[tp], now, 0)))
         producer = self.producer
         await producer.begin_transaction()
         futures = [await producer.send_batch(batch, topic, partition=partition)

@@ -1,15 +1,16 @@
 """What one batch of one partition does, computed without I/O: the processor's functional core.
 
 `apply_batch` runs `transition` over the batch's commands (and `expire` over the promises that fell
-due) against the store plus an in-batch overlay, and returns every record to publish and every
-change to persist. Nothing here touches Kafka; the writer publishes `Effects` in one transaction
-and only then persists `Effects.changes`.
+due) against one view of the store plus the batch's own changes (`BatchView`), answers searches from
+that same view, and returns every record to publish and every change to persist. Nothing here
+touches Kafka; the committer publishes `Effects` in one transaction and only then persists
+`Effects.changes`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple, Protocol
 
@@ -17,8 +18,21 @@ import msgspec
 
 from dp.machine import Outcome, expire, reply_for, transition
 from dp.partitioning import partition_for
+from dp.search import PAGE_BYTES, Query, before, compile_pattern, literal_prefix, overlay, partition_page, position
 from dp.settings import Topics
-from dp.wire import Command, InvalidCommand, Limits, Promise, Reply, decode_command, encode, reply_address
+from dp.wire import (
+    Command,
+    InvalidCommand,
+    Limits,
+    Position,
+    Promise,
+    Reply,
+    Search,
+    Snapshot,
+    decode_command,
+    encode,
+    reply_address,
+)
 
 Headers = list[tuple[str, bytes]]
 log = logging.getLogger("dp.processor")
@@ -68,12 +82,79 @@ def record_bytes(message: Outgoing) -> int:
     return size
 
 
+class StoreView(Protocol):
+    """What the core reads of a partition's committed state: the store, and the changes the shell recalls."""
+
+    @property
+    def version(self) -> int:
+        """Promise changes committed on this partition so far: it grows by one with every change."""
+
+    def get(self, promise_id: str) -> Promise | None: ...
+
+    def newest(self, after: Position | None) -> Iterable[tuple[Position, str]]:
+        """Every promise's place (and id) in search order, newest first, strictly after `after`."""
+
+    def changed_since(self, version: int) -> Sequence[str] | None:
+        """The ids changed after `version`, or None when that is no longer known (too long ago, or the
+        partition has opened since)."""
+
+    def falling_due(self, start: int, end: int) -> Iterable[str]:
+        """The ids of pending promises whose timeout is in (start, end]."""
+
+
+class BatchView:
+    """The store as this batch sees it: committed state with the batch's own changes laid over it, for
+    commands, timeouts and searches alike (one view, so a search sees the writes before it in the batch)."""
+
+    def __init__(self, store: StoreView) -> None:
+        self.store = store
+        self.changes: dict[str, Promise] = {}
+        self.changed: list[str] = []
+
+    @property
+    def version(self) -> int:
+        return self.store.version + len(self.changed)
+
+    def get(self, promise_id: str) -> Promise | None:
+        changed = self.changes.get(promise_id)
+        return changed if changed is not None else self.store.get(promise_id)
+
+    def put(self, promise: Promise) -> None:
+        self.changes[promise.id] = promise
+        self.changed.append(promise.id)
+
+    def changed_since(self, version: int) -> Sequence[str] | None:
+        base = self.store.version
+        if version > self.version:
+            return None
+        if version >= base:
+            return self.changed[version - base :]
+        committed = self.store.changed_since(version)
+        return None if committed is None else [*committed, *self.changed]
+
+    def candidates(self, pattern: str, after: Position | None) -> Iterator[tuple[Position, Promise | None]]:
+        """Search candidates newest first: each place with its record, or None where the id cannot match."""
+        if "*" not in pattern:
+            promise = self.get(pattern)
+            if promise is not None and before(position(promise), after):
+                yield position(promise), promise
+            return
+        matches, prefix = compile_pattern(pattern).fullmatch, literal_prefix(pattern)
+        stored = (
+            (place, self.store.get(promise_id) if promise_id.startswith(prefix) and matches(promise_id) else None)
+            for place, promise_id in self.store.newest(after)
+        )
+        yield from overlay(stored, self.changes, pattern, after)
+
+
 @dataclass
 class Effects:
-    """Everything a batch publishes (in order) and the records it changed (latest version per id)."""
+    """Everything a batch publishes (in order) and the records it changed (latest version per id, and
+    every change's id in order: the partition's version grows by `len(changed)`)."""
 
     messages: list[Outgoing] = field(default_factory=list)
     changes: dict[str, Promise] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
     persist: list[tuple[Promise, bytes]] = field(default_factory=list)
 
 
@@ -91,7 +172,7 @@ class Route:
 
 def apply_batch(
     route: Route,
-    read: Callable[[str], Promise | None],
+    store: StoreView,
     records: list[Incoming],
     due: list[Promise],
     now: int,
@@ -103,26 +184,27 @@ def apply_batch(
     `refusals` (by offset) are records the shell learnt Kafka will not take the output of: each is
     refused with the reason given on the deployment's replies topic, or with None passed over silently.
     """
-    effects = Effects()
-
-    def current(promise_id: str) -> Promise | None:
-        changed = effects.changes.get(promise_id)
-        return changed if changed is not None else read(promise_id)
-
+    view = BatchView(store)
+    effects = Effects(changes=view.changes, changed=view.changed)
     for promise in due:
-        outcome = expire(promise, now)
-        if outcome is not None:
-            record_changes(route, effects, outcome)
+        timed_out = expire(promise, now)
+        if timed_out is not None:
+            record_changes(route, effects, view, timed_out)
     for record in records:
         if refusals and record.offset in refusals:
             reason = refusals[record.offset]
             if reason is not None:
                 refuse(route, effects, record, reason, reply_topics, answer_on_default=True)
             continue
+        outcome: Outcome | None = None
         try:
             command = accept(route, record, reply_topics)
-            outcome = transition(current(command.id), command, now)
-            reply = reply_message(route, command, reply_for(command, outcome), reply_topics)
+            if type(command) is Search:
+                answer = search(route, view, command, now, reply_topics)
+            else:
+                outcome = transition(view.get(command.id), command, now)
+                answer = reply_for(command, outcome)
+            reply = reply_message(route, command, answer, reply_topics)
             check_fits(reply, reply_topics)
         except ReplyTooLarge as problem:
             refuse(route, effects, record, str(problem), reply_topics, answer_on_default=True)
@@ -134,7 +216,8 @@ def apply_batch(
             log.exception("partition %d: offset %d could not be applied", route.partition, record.offset)
             refuse(route, effects, record, f"internal error ({type(error).__name__}): not applied", reply_topics)
             continue
-        record_changes(route, effects, outcome)
+        if outcome is not None:
+            record_changes(route, effects, view, outcome)
         effects.messages.append(reply)
     for promise_id, promise in effects.changes.items():
         value = encode(promise)
@@ -148,6 +231,11 @@ def accept(route: Route, record: Incoming, reply_topics: Mapping[str, TopicInfo]
     if record.value is None:
         raise InvalidCommand("record has no value (a tombstone is not a command)")
     command = decode_command(record.value, route.limits)
+    if type(command) is Search:
+        if record.key is not None:
+            raise InvalidCommand("a search is sent to each partition with no key (its `id` is a pattern)")
+        check_reply_address(route, command.reply_to, command.reply_partition, reply_topics)
+        return command
     if record.key is None or record.key != command.id.encode():
         raise InvalidCommand("record key must equal the command's `id` (the promise id, UTF-8)")
     expected = partition_for(record.key, route.partitions)
@@ -201,14 +289,56 @@ def check_fits(message: Outgoing, topics: Mapping[str, TopicInfo]) -> None:
         )
 
 
-def record_changes(route: Route, effects: Effects, outcome: Outcome) -> None:
+def record_changes(route: Route, effects: Effects, view: BatchView, outcome: Outcome) -> None:
     if not outcome.events or outcome.promise is None:
         return
-    effects.changes[outcome.promise.id] = outcome.promise
+    view.put(outcome.promise)
     effects.messages.extend(
         Outgoing(route.topics.events, route.partition, event.promise.id.encode(), encode(event))
         for event in outcome.events
     )
+
+
+def search(route: Route, view: BatchView, command: Search, now: int, reply_topics: Mapping[str, TopicInfo]) -> Reply:
+    """One partition's answer to a search: `unchanged` when the command's `since` snapshot still holds for
+    what the query can see, else a page (as large as the reply topic takes) and the snapshot it reflects."""
+    query = Query(command.id, command.state, command.tags, command.limit)
+    snapshot = Snapshot(route.partition, view.version, now)
+    if command.since is not None and unchanged(route, view, query, command.since, now):
+        return Reply(command.request_id, "search", command.id, True, "unchanged", snapshot=snapshot)
+    topic = command.reply_to or route.topics.replies
+    room = min(PAGE_BYTES, reply_topics[topic].max_message_bytes - SEARCH_REPLY_OVERHEAD)
+    page = partition_page(query, view.candidates(command.id, command.after), now, room)
+    return Reply(
+        command.request_id,
+        "search",
+        command.id,
+        True,
+        "found",
+        promises=page.promises,
+        next=page.next,
+        snapshot=snapshot,
+    )
+
+
+# What a search reply costs beyond its promises (request id, pattern, snapshot, framing), rounded up.
+SEARCH_REPLY_OVERHEAD: Final = 4 * 1024
+
+
+def unchanged(route: Route, view: BatchView, query: Query, since: Snapshot, now: int) -> bool:
+    """Whether nothing the query could see changed on this partition since `since`: no promise it could
+    match was written, and none it could match fell due (a read shows a due promise timed out)."""
+    if since.partition != route.partition or since.at > now:
+        return False
+    changed = view.changed_since(since.version)
+    if changed is None:
+        return False
+    matches = compile_pattern(query.pattern).fullmatch
+    for promise_id in changed:
+        promise = view.get(promise_id)
+        if matches(promise_id) and promise is not None and all(promise.tags.get(k) == v for k, v in query.tags.items()):
+            return False
+    return not any(matches(promise_id) for promise_id in view.store.falling_due(since.at, now))
 
 
 def reply_partition_of(route: Route, topic: str, partition: int | None, topics: Mapping[str, TopicInfo]) -> int:

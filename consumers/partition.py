@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,13 +28,16 @@ from consumers.reply_topics import ReplyTopics
 from consumers.restore import StoreAhead, restore
 from consumers.store import PROGRESS_KEY, DataDir, PartitionStore, progress_record
 from dp.settings import Kafka
-from dp.wire import Promise
+from dp.wire import Position, Promise
 
 log = logging.getLogger("dp.processor")
 
 DUE_PER_STEP: Final = 5_000
 # Fetched records a partition may hold before its fetching pauses, in transactions' worth (count and bytes).
 QUEUE_BATCHES: Final = 4
+# The ids of this many recent changes are kept in memory, so that a search's second round can tell whether
+# anything it could see changed since its first (beyond it, the search is answered afresh).
+RECENT_CHANGES: Final = 100_000
 
 
 @dataclass
@@ -73,6 +77,9 @@ class Partition:
         self._queued_bytes = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._paused = False
+        self.version = 0
+        self._recent: deque[tuple[int, str]] = deque(maxlen=RECENT_CHANGES)
+        self._known_since = 0
 
     # --- opening and closing --------------------------------------------------------------
 
@@ -87,6 +94,10 @@ class Partition:
             self.store = await asyncio.to_thread(PartitionStore, self.store_path)
         commands_end = (await consumer.end_offsets([self.source]))[self.source]
         try:
+            if self.store.outdated:
+                log.info("partition %d: the store predates this version's layout; rebuilding it from the changelog",
+                         self.route.partition)  # fmt: skip
+                self.store = await asyncio.to_thread(self.store.wipe)
             if self.store.command_offset > commands_end:
                 raise StoreAhead(
                     f"the store is at command offset {self.store.command_offset}, beyond the commands' end "
@@ -109,6 +120,8 @@ class Partition:
         self.next_offset = max(committed or 0, self.store.command_offset)
         consumer.seek(self.source, self.next_offset)
         self.next_deadline = self.store.next_deadline()
+        self.version = self._known_since = self.store.version
+        self._recent.clear()
         self._queue, self._queued_bytes = [], 0
         self._consumer, self._paused = consumer, False
         self.open_seconds = time.monotonic() - began
@@ -181,21 +194,50 @@ class Partition:
         due = self.store.due(now, timers, timer_bytes or self.max_batch_bytes) if sweep else []
         if sweep and not due:  # the earliest timeout was completed meanwhile: look again
             self.next_deadline = self.store.next_deadline()
-        effects = apply_batch(self.route, self.store.get, fresh, due, now, reply_topics, refusals)
+        effects = apply_batch(self.route, self, fresh, due, now, reply_topics, refusals)
         next_offset = fresh[-1].offset + 1 if fresh else self.next_offset
-        effects.messages.append(
-            Outgoing(self.route.topics.changelog, self.route.partition, PROGRESS_KEY, progress_record(next_offset, now))
-        )
+        progress = progress_record(next_offset, now, self.version + len(effects.changed))
+        effects.messages.append(Outgoing(self.route.topics.changelog, self.route.partition, PROGRESS_KEY, progress))
         return Step(self, fresh, due, now, next_offset, effects)
 
     def persist(self, step: Step, changelog_end: int) -> None:
         """The step's transaction committed: write its changes and offsets to RocksDB in one batch."""
         assert self.store is not None, "partition is not open"
-        self.store.write(step.effects.persist, changelog_end, step.next_offset, step.now)
+        version = self.version + len(step.effects.changed)
+        self.store.write(step.effects.persist, changelog_end, step.next_offset, step.now, version)
         self.next_offset = step.next_offset
+        self._recent.extend(enumerate(step.effects.changed, start=self.version + 1))
+        self.version = version
+        if len(self._recent) == RECENT_CHANGES:  # older changes were forgotten: searches since then start afresh
+            self._known_since = self._recent[0][0] - 1
         # Kept in memory rather than read back: seeking the deadline index after every transaction would skip
         # over the tombstones of every completed promise. It may be early (its promise completed since): then
         # the sweep finds nothing due and `step` reads the index once.
         for promise in step.effects.changes.values():
             if promise.state == "PENDING" and (self.next_deadline is None or promise.timeout < self.next_deadline):
                 self.next_deadline = promise.timeout
+
+    # --- the committed state as the core reads it (effects.StoreView) ------------------------
+
+    def get(self, promise_id: str) -> Promise | None:
+        assert self.store is not None, "partition is not open"
+        return self.store.get(promise_id)
+
+    def newest(self, after: Position | None) -> Iterator[tuple[Position, str]]:
+        assert self.store is not None, "partition is not open"
+        return self.store.newest(after)
+
+    def falling_due(self, start: int, end: int) -> Iterator[str]:
+        assert self.store is not None, "partition is not open"
+        return self.store.falling_due(start, end)
+
+    def changed_since(self, version: int) -> Sequence[str] | None:
+        """The ids changed after `version`, from memory: None if that is before what this owner recalls."""
+        if version < self._known_since or version > self.version:
+            return None
+        changed: list[str] = []
+        for number, promise_id in reversed(self._recent):
+            if number <= version:
+                break
+            changed.append(promise_id)
+        return changed

@@ -1,12 +1,18 @@
-"""One partition's state in RocksDB: promise records, the pending-by-deadline index and offsets.
+"""One partition's state in RocksDB: promise records, their indexes, offsets and the change version.
 
-Key layout (raw bytes, one database per partition, written only by that partition's writer):
+Key layout (raw bytes, one database per partition, written only by that partition's writer). Every
+kind of key is registered in `KEY_KINDS` with its one-byte (or `o:`) prefix; a once assigned prefix
+never changes meaning, and the prefixes are prefix-free (tested):
 
-    b"p" + id                       -> promise record (the changelog value, JSON)
-    b"t" + timeout (8 bytes BE) + id -> b""   for every PENDING promise: deadlines in order
-    b"o:changelog"                  -> next changelog offset the store reflects (8 bytes BE)
-    b"o:commands"                   -> next command offset the store reflects (8 bytes BE)
-    b"o:now"                        -> the latest batch time applied (epoch ms, 8 bytes BE)
+    b"p" + id                         -> promise record (the changelog value, JSON)
+    b"t" + timeout (8 bytes BE) + id  -> b""   for every PENDING promise: deadlines in order
+    b"c" + createdOn (8 bytes BE) + id -> b""  for every promise: search order (read backwards)
+    b"o:changelog"                    -> next changelog offset the store reflects (8 bytes BE)
+    b"o:commands"                     -> next command offset the store reflects (8 bytes BE)
+    b"o:now"                          -> the latest batch time applied (epoch ms, 8 bytes BE)
+    b"o:version"                      -> the partition's change version: promise changes applied so far
+    b"o:format"                       -> the layout's version, `FORMAT`; a store of another format is
+                                         rebuilt from the changelog when its partition opens
 
 The changelog carries, besides the promise records, one progress record per batch under the empty
 key (never a promise id: ids are non-empty) holding the next command offset, in the same
@@ -30,7 +36,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -38,14 +44,30 @@ import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from dp.errors import DataDirInUse
-from dp.wire import Promise, decode_promise, encode
+from dp.wire import Position, Promise, decode_promise, encode
 
 RECORD = b"p"
 DEADLINE = b"t"
 DEADLINE_END = b"u"
+CREATED = b"c"
+CREATED_END = b"d"
 CHANGELOG_OFFSET = b"o:changelog"
 COMMAND_OFFSET = b"o:commands"
 LAST_NOW = b"o:now"
+VERSION = b"o:version"
+FORMAT_KEY = b"o:format"
+FORMAT: Final = b"2"
+"""Format 1 had no `c` index and no version; format 2 adds both."""
+KEY_KINDS: Final[dict[str, bytes]] = {
+    "record": RECORD,
+    "deadline": DEADLINE,
+    "created": CREATED,
+    "changelog offset": CHANGELOG_OFFSET,
+    "command offset": COMMAND_OFFSET,
+    "last now": LAST_NOW,
+    "version": VERSION,
+    "format": FORMAT_KEY,
+}
 PROGRESS_KEY = b""
 KIND_HEADER: Final = "dp.kind"
 KNOWN_KINDS: Final = frozenset((b"promise", b"progress"))
@@ -59,6 +81,10 @@ def record_key(promise_id: str) -> bytes:
 
 def deadline_key(timeout: int, promise_id: str) -> bytes:
     return DEADLINE + TIMEOUT.pack(max(timeout, 0)) + promise_id.encode()
+
+
+def created_key(created_on: int, promise_id: str) -> bytes:
+    return CREATED + TIMEOUT.pack(max(created_on, 0)) + promise_id.encode()
 
 
 def options() -> Options:
@@ -145,6 +171,17 @@ class PartitionStore:
         """The time of the latest batch applied: a partition's clock never runs backwards."""
         return self._offset(LAST_NOW)
 
+    @property
+    def version(self) -> int:
+        """How many promise changes this partition has applied, ever: a search's snapshot."""
+        return self._offset(VERSION)
+
+    @property
+    def outdated(self) -> bool:
+        """Written in another layout (`FORMAT`): the partition rebuilds it from the changelog."""
+        written = self._db.get(FORMAT_KEY)
+        return written != FORMAT if written is not None else self._db.get(CHANGELOG_OFFSET) is not None
+
     def _offset(self, key: bytes) -> int:
         raw = self._db.get(key)
         return 0 if raw is None else int(OFFSET.unpack(raw)[0])
@@ -173,12 +210,37 @@ class PartitionStore:
             iterator.next()
         return found
 
+    def newest(self, after: Position | None) -> Iterator[tuple[Position, str]]:
+        """Every promise's place in search order (newest first), strictly after `after`."""
+        iterator = self._db.iter()
+        if after is None:
+            iterator.seek_for_prev(CREATED_END)
+        else:
+            start = created_key(after.created_on, after.id)
+            iterator.seek_for_prev(start)
+            if iterator.valid() and iterator.key() == start:
+                iterator.prev()
+        while iterator.valid() and (key := iterator.key()).startswith(CREATED):
+            promise_id = key[1 + TIMEOUT.size :].decode()
+            yield Position(int(TIMEOUT.unpack_from(key, 1)[0]), promise_id), promise_id
+            iterator.prev()
+
+    def falling_due(self, start: int, end: int) -> Iterator[str]:
+        """The ids of pending promises whose timeout is in (start, end]."""
+        bound = DEADLINE + TIMEOUT.pack(end + 1)
+        iterator = self._db.iter()
+        iterator.seek(DEADLINE + TIMEOUT.pack(start + 1))
+        while iterator.valid() and iterator.key() < bound:
+            yield iterator.key()[1 + TIMEOUT.size :].decode()
+            iterator.next()
+
     def write(
         self,
         records: Iterable[tuple[Promise, bytes]],
         changelog_offset: int,
         command_offset: int,
         now: int,
+        version: int,
     ) -> None:
         """Write a committed batch's records (with their encodings), index entries and offsets, atomically."""
         batch = WriteBatch(raw_mode=True)
@@ -186,7 +248,9 @@ class PartitionStore:
             stage(batch, promise.id, value, promise)
         batch.put(COMMAND_OFFSET, OFFSET.pack(command_offset))
         batch.put(LAST_NOW, OFFSET.pack(now))
+        batch.put(VERSION, OFFSET.pack(version))
         batch.put(CHANGELOG_OFFSET, OFFSET.pack(changelog_offset))
+        batch.put(FORMAT_KEY, FORMAT)
         self._db.write(batch)
 
     def write_raw(self, entries: Iterable[ChangelogEntry], changelog_offset: int) -> None:
@@ -204,11 +268,13 @@ class PartitionStore:
                     progress = decode_progress(value)
                     batch.put(COMMAND_OFFSET, OFFSET.pack(progress.next_command_offset))
                     batch.put(LAST_NOW, OFFSET.pack(progress.now))
+                    batch.put(VERSION, OFFSET.pack(progress.version))
                 else:
                     stage(batch, key.decode(), value, decode_indexed(value))
             except (msgspec.DecodeError, UnicodeDecodeError) as error:
                 raise RestoreFailed(f"changelog record at offset {offset} is not one dp can read ({error})") from None
         batch.put(CHANGELOG_OFFSET, OFFSET.pack(changelog_offset))
+        batch.put(FORMAT_KEY, FORMAT)
         self._db.write(batch)
 
     def records(self) -> dict[str, Promise]:
@@ -222,22 +288,25 @@ class PartitionStore:
         return out
 
 
-class Indexed(msgspec.Struct, gc=False):
-    """The two fields of a record the deadline index needs; decoding only these makes restore cheap."""
+class Indexed(msgspec.Struct, gc=False, rename="camel"):
+    """The fields of a record the indexes need; decoding only these makes restore cheap."""
 
     state: str
     timeout: int
+    created_on: int
 
 
 decode_indexed = msgspec.json.Decoder(Indexed).decode
 
 
 class Progress(msgspec.Struct, frozen=True, gc=False, rename="camel"):
-    """The changelog's progress record: how far the commands of this partition have been applied, and
-    at what time (0 in records written before the time was recorded)."""
+    """The changelog's progress record: how far the commands of this partition have been applied, at
+    what time, and the partition's change version after them (0 in records written before either was
+    recorded)."""
 
     next_command_offset: int
     now: int = 0
+    version: int = 0
 
 
 decode_progress = msgspec.json.Decoder(Progress).decode
@@ -245,13 +314,14 @@ ChangelogEntry = tuple[int, bytes | None, bytes | None, Sequence[tuple[str, byte
 """(offset, key, value, headers) of one changelog record."""
 
 
-def progress_record(next_command_offset: int, now: int) -> bytes:
-    return encode(Progress(next_command_offset, now))
+def progress_record(next_command_offset: int, now: int, version: int) -> bytes:
+    return encode(Progress(next_command_offset, now, version))
 
 
 def stage(batch: WriteBatch, promise_id: str, value: bytes, promise: Promise | Indexed) -> None:
-    """Put one record and keep the deadline index in step: indexed exactly while PENDING."""
+    """Put one record and keep the indexes in step: in search order always, by deadline exactly while PENDING."""
     batch.put(record_key(promise_id), value)
+    batch.put(created_key(promise.created_on, promise_id), b"")
     index = deadline_key(promise.timeout, promise_id)
     if promise.state == "PENDING":
         batch.put(index, b"")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,21 +32,26 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from dp import kafka as clients
-from dp.errors import ClientClosed, Refused, ReplyTimeout, SendFailed, WaitTimeout
+from dp.errors import ClientClosed, Refused, ReplyTimeout, SearchBusy, SendFailed, WaitTimeout
 from dp.partitioning import partition_for
+from dp.search import PAGE_BYTES, Page, PartitionPage, Query, decode_cursor, encode_cursor, merge
 from dp.settings import Kafka, Topics
 from dp.topics import check_topics
 from dp.wire import (
     Cancel,
     Command,
+    Completion,
     Create,
     Event,
     EventType,
     Get,
+    Position,
     Promise,
     Reject,
     Reply,
     Resolve,
+    Search,
+    SearchState,
     Value,
     decode_event,
     decode_reply,
@@ -55,6 +61,8 @@ from dp.wire import (
 
 DEFAULT_REPLY_TIMEOUT: Final = 30.0
 POLL_MS: Final = 1_000
+# Rounds of a search's double collect before it gives up (SearchBusy): each round asks every partition.
+SEARCH_ROUNDS: Final = 8
 
 Deadline = float | timedelta | datetime
 """A promise's timeout: seconds from now, a duration from now, or an absolute timezone-aware time."""
@@ -117,8 +125,11 @@ class Promises:
         topics: Topics | None = None,
         reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
         reply_partition: int | None = None,
+        cursor_key: bytes | None = None,
+        search_rounds: int = SEARCH_ROUNDS,
     ) -> None:
-        """`reply_partition` picks this client's partition of the replies topic (default: a random one)."""
+        """`reply_partition` picks this client's partition of the replies topic (default: a random one);
+        `cursor_key` signs search cursors (default: a random key, so cursors work with this client only)."""
         if bootstrap_servers is not None and kafka is not None:
             raise ValueError("pass bootstrap_servers or kafka, not both")
         self.kafka = kafka or (
@@ -129,7 +140,9 @@ class Promises:
         self.partitions = 0
         self.reply_partition = reply_partition
         self._producer: AIOKafkaProducer | None = None
-        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self.cursor_key = cursor_key or os.urandom(32)
+        self.search_rounds = search_rounds
+        self._waiting: dict[str, list[_Waiter]] = {}
         self._failure: KafkaError | None = None
         self._stack = AsyncExitStack()
         self._streams: weakref.WeakSet[AsyncGeneratorType[Event, None]] = weakref.WeakSet()
@@ -192,7 +205,7 @@ class Promises:
             idempotency_key=idempotency_key or _new_key(),
             strict=strict,
         )
-        return await self._call(command, reply_timeout)
+        return await self.send(command, reply_timeout=reply_timeout)
 
     async def resolve(self, id: str, **options: Unpack[CompletionOptions]) -> Result:
         """Complete a pending promise as RESOLVED; options as `complete`."""
@@ -222,36 +235,133 @@ class Promises:
         The idempotency key defaults to a fresh one; pass your own to make a retry deduplicate.
         """
         command = kind(id, value=_value(data, headers), idempotency_key=idempotency_key or _new_key(), strict=strict)
-        return await self._call(command, reply_timeout)
+        return await self.send(command, reply_timeout=reply_timeout)
 
     async def get(self, id: str, *, reply_timeout: float | None = None) -> Result:
         """Read a promise through the log (status `found` or `not_found`), so the answer is current."""
-        return await self._call(Get(id), reply_timeout)
+        return await self.send(Get(id), reply_timeout=reply_timeout)
 
-    async def _call(self, command: Command, reply_timeout: float | None) -> Result:
-        """Publish one command and await the reply carrying its requestId."""
+    async def send(self, command: Command, *, reply_timeout: float | None = None) -> Result:
+        """Publish a command as it is and await its reply: its idempotency key and `strict` are kept (a None
+        key stays None), its `requestId` too (a fresh one when None); only the reply address is this
+        client's. Commands sharing a requestId are told apart by op and id. Searches go through
+        `search_page`, which asks every partition."""
+        if type(command) is Search:
+            raise TypeError("a search is sent to every partition: use search_page() or search()")
+        return Result(await self._request(command, command.id.encode(), None, reply_timeout))
+
+    async def _request(
+        self, command: Command, key: bytes | None, partition: int | None, reply_timeout: float | None
+    ) -> Reply:
+        """Publish one command (by key, or to `partition`) and await the reply carrying its requestId."""
         producer = self._producer
         if producer is None:
             raise ClientClosed()
-        request_id = uuid.uuid4().hex
+        request_id = command.request_id or uuid.uuid4().hex
         command = msgspec.structs.replace(
             command, request_id=request_id, reply_to=self.topics.replies, reply_partition=self.reply_partition
         )
         seconds = self.reply_timeout if reply_timeout is None else reply_timeout
-        key = None if isinstance(command, Get) else command.idempotency_key
-        arrived = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+        idempotency_key = command.idempotency_key if isinstance(command, Create | Completion) else None
+        waiter = _Waiter(op_name(command), command.id, asyncio.get_running_loop().create_future())
+        waiters = self._waiting.setdefault(request_id, [])
+        waiters.append(waiter)
         try:
             if self._failure is not None:
                 raise self._failure
             async with asyncio.timeout(seconds):
-                await producer.send_and_wait(self.topics.commands, encode(command), key=command.id.encode())
-                return Result(await arrived)
+                await producer.send_and_wait(self.topics.commands, encode(command), key=key, partition=partition)
+                return await waiter.arrived
         except TimeoutError:
-            raise ReplyTimeout(seconds, op_name(command), command.id, key) from None
+            raise ReplyTimeout(seconds, op_name(command), command.id, idempotency_key) from None
         except KafkaError as error:
-            raise SendFailed(f"Kafka failed ({error})", op_name(command), command.id, key) from None
+            raise SendFailed(f"Kafka failed ({error})", op_name(command), command.id, idempotency_key) from None
         finally:
-            del self._waiting[request_id]
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiting[request_id]
+
+    # --- search -------------------------------------------------------------------------------
+
+    def search(
+        self,
+        pattern: str,
+        *,
+        state: SearchState | None = None,
+        tags: Mapping[str, str] | None = None,
+        limit: int = 100,
+        reply_timeout: float | None = None,
+    ) -> AsyncIterator[Page]:
+        """Pages of the promises whose id matches `pattern` (`*` is any run of characters), newest first.
+
+        Each page is linearizable: it reflects one instant between its request and its answer, across
+        every partition (see `search_page`). Pages are not one snapshot together: a promise created
+        between two pages is older than the cursor only if it sorts there.
+        """
+        return self._pages(Query(pattern, state, dict(tags or {}), limit), reply_timeout)
+
+    async def _pages(self, query: Query, reply_timeout: float | None) -> AsyncIterator[Page]:
+        page = await self.search_page(query, reply_timeout=reply_timeout)
+        yield page
+        while page.cursor is not None:
+            page = await self.search_page(page.cursor, reply_timeout=reply_timeout)
+            yield page
+
+    async def search_page(
+        self, query: Query | str, *, request_id: str | None = None, reply_timeout: float | None = None
+    ) -> Page:
+        """One page of a search (`query`, or the cursor of a previous page), by a double collect.
+
+        Every partition answers from its store with a snapshot (its change version and clock); a second
+        round sends each snapshot back, and a partition answers `unchanged` unless something the query
+        could see changed since. A round in which every partition is unchanged proves that the pages
+        held together during it: the merge reflects that instant. Partitions that changed answer afresh
+        and the round repeats, at most `search_rounds` times (then SearchBusy).
+        """
+        after = None
+        if isinstance(query, str):
+            query, after = decode_cursor(query, self.cursor_key)
+        seconds = self.reply_timeout if reply_timeout is None else reply_timeout
+        base = request_id or uuid.uuid4().hex
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    pages = await self._collect(query, after, base)
+                    promises, resume = merge(query.limit, pages, PAGE_BYTES)
+                    if promises or resume is None:
+                        break
+                    after = resume  # every match so far lay beyond where a partition stopped looking: go on
+        except TimeoutError:
+            raise ReplyTimeout(seconds, "search", query.pattern, None) from None
+        return Page(promises, encode_cursor(query, resume, self.cursor_key) if resume is not None else None)
+
+    async def _collect(self, query: Query, after: Position | None, base: str) -> list[PartitionPage]:
+        """Every partition's page, confirmed by a round in which no partition changed (see `search_page`)."""
+        answers: dict[int, Reply] = {}
+        for round in range(self.search_rounds):
+            commands = [
+                Search(
+                    query.pattern,
+                    request_id=f"{base}.{round}.{partition}",
+                    state=query.state,
+                    tags=query.tags,
+                    limit=query.limit,
+                    after=after,
+                    since=answer.snapshot if (answer := answers.get(partition)) is not None else None,
+                )
+                for partition in range(self.partitions)
+            ]
+            replies = await asyncio.gather(*(self._request(c, None, p, None) for p, c in enumerate(commands)))
+            settled = True
+            for partition, reply in enumerate(replies):
+                if reply.status == "unchanged":
+                    continue
+                if reply.status != "found" or reply.snapshot is None:
+                    raise Refused(reply)
+                answers[partition], settled = reply, False
+            if settled:
+                return [PartitionPage(reply.promises or [], reply.next) for reply in answers.values()]
+        raise SearchBusy(self.search_rounds)
 
     async def _read_replies(self, replies: AIOKafkaConsumer) -> None:
         """Deliver each reply to the call waiting for its requestId; other clients' replies fall through."""
@@ -271,14 +381,17 @@ class Promises:
             reply = decode_reply(value)
         except msgspec.DecodeError:
             return  # not a reply we can read, so not one of ours
-        waiting = self._waiting.get(reply.request_id or "")
-        if waiting is not None and not waiting.done():
-            waiting.set_result(reply)
+        for waiter in self._waiting.get(reply.request_id or "", ()):
+            # An `invalid` reply may name no op or id: it answers the first command still waiting.
+            if not waiter.arrived.done() and (reply.op is None or (reply.op == waiter.op and reply.id == waiter.id)):
+                waiter.arrived.set_result(reply)
+                return
 
     def _fail_waiting(self, error: Exception) -> None:
-        for waiting in self._waiting.values():
-            if not waiting.done():
-                waiting.set_exception(error)
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                if not waiter.arrived.done():
+                    waiter.arrived.set_exception(error)
 
     # --- completion and events ----------------------------------------------------------------
 
@@ -374,6 +487,15 @@ async def _assign(consumer: AIOKafkaConsumer, tps: list[TopicPartition], from_be
         return
     for tp, end in (await consumer.end_offsets(tps)).items():
         consumer.seek(tp, end)
+
+
+@dataclass(frozen=True)
+class _Waiter:
+    """A command awaiting its reply: the reply's requestId, op and id must match."""
+
+    op: str
+    id: str
+    arrived: asyncio.Future[Reply]
 
 
 def _decode_event(value: bytes | None) -> Event | None:

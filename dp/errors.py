@@ -72,6 +72,17 @@ class WaitTimeout(DpError):
         self.seconds = seconds
 
 
+class SearchBusy(DpError):
+    """A search found no instant at which every partition agreed: what it matches kept changing."""
+
+    def __init__(self, rounds: int) -> None:
+        super().__init__(
+            f"the search did not settle in {rounds} rounds because the promises it matches kept changing: "
+            "retry it, or narrow it (a longer id prefix, a state, a tag) so that fewer writes touch it."
+        )
+        self.rounds = rounds
+
+
 class ClientClosed(DpError):
     """The client was used outside `async with` (or after it closed)."""
 

@@ -28,13 +28,13 @@ import msgspec
 from dp.wire import (
     OK_STATUSES,
     Cancel,
-    Command,
     Completion,
     Create,
     Event,
     EventType,
     Get,
     Promise,
+    PromiseCommand,
     Reject,
     Reply,
     Resolve,
@@ -84,7 +84,7 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
 _NOT_FOUND: Final = Outcome("not_found")
 
 
-def transition(promise: Promise | None, command: Command, now: int) -> Outcome:
+def transition(promise: Promise | None, command: PromiseCommand, now: int) -> Outcome:
     """Apply one command to the stored record (None: Init) at `now` (epoch ms)."""
     if promise is None:
         return _from_init(command, now)
@@ -104,7 +104,7 @@ def expire(promise: Promise, now: int) -> Outcome | None:
     return Outcome(TIMEDOUT, done, (Event("timedout", done, None),))
 
 
-def reply_for(command: Command, outcome: Outcome) -> Reply:
+def reply_for(command: PromiseCommand, outcome: Outcome) -> Reply:
     """The reply to `command` given what `transition` made of it."""
     return Reply(command.request_id, op_name(command), command.id, outcome.ok, outcome.status, outcome.promise)
 
@@ -117,7 +117,7 @@ def _time_out(promise: Promise) -> Promise:
     )
 
 
-def _from_init(command: Command, now: int) -> Outcome:
+def _from_init(command: PromiseCommand, now: int) -> Outcome:
     """Rule 1, and a create with a past timeout (created, then timed out at once)."""
     if type(command) is not Create:
         return _NOT_FOUND
@@ -140,7 +140,7 @@ def _from_init(command: Command, now: int) -> Outcome:
     return Outcome("created", done, (event, Event("timedout", done, command.request_id)))
 
 
-def _from_pending(promise: Promise, command: Command, now: int) -> Outcome:
+def _from_pending(promise: Promise, command: PromiseCommand, now: int) -> Outcome:
     """Rule 2 on a promise that is not yet due."""
     if type(command) is Create:
         repeat = _matches(command.idempotency_key, promise.idempotency_key_for_create)
@@ -158,7 +158,7 @@ def _from_pending(promise: Promise, command: Command, now: int) -> Outcome:
     return Outcome(kind, done, (Event(kind, done, command.request_id),))
 
 
-def _judge_final(promise: Promise, command: Command) -> Status:
+def _judge_final(promise: Promise, command: PromiseCommand) -> Status:
     """Rules 3 and 4 (and get → found): a completed promise never changes, only the answer varies."""
     if type(command) is Get:
         return "found"

@@ -28,6 +28,9 @@ from dp.wire import MAX_SEARCH_LIMIT, Position, Promise, PromiseId, SearchState
 # How many index entries one partition looks at for one search command before it answers with what it
 # has (and where to resume): a rare pattern over a large store must not stall the partition's batch.
 SCAN_BUDGET: Final = 10_000
+# The most promise bytes one page carries, from one partition or merged (replies are also capped by the
+# reply topic's max.message.bytes): 100 promises with 512 KiB payloads become several pages.
+PAGE_BYTES: Final = 4 * 1024 * 1024
 # What a promise costs in a page beyond its own JSON (a comma, list framing), rounded up.
 PAGE_ITEM_OVERHEAD: Final = 16
 
@@ -149,9 +152,7 @@ def partition_page(
 # --- the merge of every partition's page ---------------------------------------------------------
 
 
-def merge(
-    limit: int, pages: Iterable[PartitionPage], max_bytes: int
-) -> tuple[list[Promise], Position | None]:
+def merge(limit: int, pages: Iterable[PartitionPage], max_bytes: int) -> tuple[list[Promise], Position | None]:
     """The first `limit` promises across partitions, newest first, within `max_bytes`, and where the next
     page starts (None when every partition is exhausted and everything was taken).
 

@@ -150,7 +150,9 @@ class Search(_Command, frozen=True, tag="search", kw_only=True):
     since: Snapshot | None = None
 
 
-Command = Create | Resolve | Reject | Cancel | Get | Search
+PromiseCommand = Create | Resolve | Reject | Cancel | Get
+"""A command on one promise: keyed by its id, applied by `dp.machine.transition`."""
+Command = PromiseCommand | Search
 _OP_NAMES: Final[dict[type[Command], str]] = {kind: str(kind.__struct_config__.tag) for kind in get_args(Command)}
 OPS: Final[tuple[str, ...]] = tuple(_OP_NAMES.values())
 

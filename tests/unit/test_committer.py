@@ -254,8 +254,9 @@ async def test_a_timer_only_transaction_carries_the_offset_and_a_progress_record
     assert producer.calls.count("commit") == 2
     assert [call for call in producer.calls if call.startswith("offsets")] == ["offsets 0:1", "offsets 0:1"]
     progress = [m for m in published[-1] if m.topic == TOPICS.changelog and m.key == PROGRESS_KEY]
-    assert [decode_progress(m.value) for m in progress] == [Progress(1, 3_000)]
-    assert zero.store is not None and zero.store.last_now == 3_000
+    # Two changes so far (the creation, the timeout): the progress record carries the partition's version.
+    assert [decode_progress(m.value) for m in progress] == [Progress(1, 3_000, 2)]
+    assert zero.store is not None and zero.store.last_now == 3_000 and zero.store.version == zero.version == 2
     assert [p.state for p in zero.store.records().values()] == ["REJECTED_TIMEDOUT"]
 
 
@@ -323,5 +324,5 @@ def test_sends_refused_names_each_topic_partition() -> None:
 
 
 def test_the_progress_record_carries_the_batch_time_and_reads_old_records_as_zero() -> None:
-    assert decode_progress(progress_record(7, 123)) == Progress(7, 123)
-    assert decode_progress(b'{"nextCommandOffset": 7}') == Progress(7, 0)
+    assert decode_progress(progress_record(7, 123, 5)) == Progress(7, 123, 5)
+    assert decode_progress(b'{"nextCommandOffset": 7}') == Progress(7, 0, 0)

@@ -11,6 +11,7 @@ from consumers.effects import Route, TopicInfo, apply_batch
 from dp.partitioning import partition_for
 from dp.settings import Topics
 from dp.wire import DEFAULT_LIMITS, Promise, decode_event, decode_reply
+from tests.memory import MemoryStore
 
 TOPICS = Topics("t")
 PARTITIONS = 4
@@ -36,7 +37,7 @@ def command(offset: int, **fields: object) -> Record:
 
 def run(records: list[Record], store: dict[str, Promise] | None = None, partition: int = 0):  # type: ignore[no-untyped-def]
     route = Route(partition, PARTITIONS, TOPICS, DEFAULT_LIMITS)
-    return apply_batch(route, (store or {}).get, records, [], NOW, COUNTS)
+    return apply_batch(route, MemoryStore(dict(store or {})), records, [], NOW, COUNTS)
 
 
 def replies(effects) -> list:  # type: ignore[no-untyped-def]
@@ -96,13 +97,12 @@ def test_a_record_on_the_wrong_partition_names_the_right_one() -> None:
 def test_an_unexpected_error_refuses_that_record_and_the_batch_goes_on() -> None:
     bad, good = owned_id(0, "bad"), owned_id(0, "good")
 
-    def broken_store(promise_id: str) -> Promise | None:
+    def corrupt(promise_id: str) -> None:
         if promise_id == bad:
             raise OSError("corrupt record")
-        return None
 
     route = Route(0, PARTITIONS, TOPICS, DEFAULT_LIMITS)
-    effects = apply_batch(route, broken_store, [
+    effects = apply_batch(route, MemoryStore(broken=corrupt), [
         command(1, op="get", id=bad, requestId="x"),
         command(2, op="create", id=good, timeout=NOW + 10, requestId="y"),
     ], [], NOW, COUNTS)  # fmt: skip

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from consumers.store import PROGRESS_KEY, PartitionStore, RestoreFailed, progress_record
-from dp.wire import Promise, Value, encode
+from consumers.store import FORMAT_KEY, KEY_KINDS, PROGRESS_KEY, PartitionStore, RestoreFailed, progress_record
+from dp.wire import Position, Promise, Value, encode
 
 PROMISE = Promise("a", "PENDING", Value(), Value(), 5_000, None, None, {}, 1_000, None)
 
@@ -18,13 +19,13 @@ def test_records_of_unknown_kinds_are_skipped_and_counted(tmp_path: Path) -> Non
         [
             (0, b"a", encode(PROMISE), []),
             (1, b"zz", b"\x00 a future format", [("dp.kind", b"snapshot-v9")]),
-            (2, PROGRESS_KEY, progress_record(11, 4_242), [("dp.kind", b"progress")]),
+            (2, PROGRESS_KEY, progress_record(11, 4_242, 3), [("dp.kind", b"progress")]),
         ],
         3,
     )
     assert store.skipped == 1
     assert set(store.records()) == {"a"}
-    assert (store.changelog_offset, store.command_offset, store.last_now) == (3, 11, 4_242)
+    assert (store.changelog_offset, store.command_offset, store.last_now, store.version) == (3, 11, 4_242, 3)
     assert store.next_deadline() == 5_000
 
 
@@ -37,7 +38,38 @@ def test_a_record_of_a_known_kind_that_does_not_decode_stops_the_restore_naming_
 
 def test_a_wiped_store_is_empty_and_usable(tmp_path: Path) -> None:
     store = PartitionStore(tmp_path / "p")
-    store.write([(PROMISE, encode(PROMISE))], 5, 9, 1_000)
+    store.write([(PROMISE, encode(PROMISE))], 5, 9, 1_000, 1)
     fresh = store.wipe()
     assert (fresh.records(), fresh.changelog_offset, fresh.command_offset) == ({}, 0, 0)
     fresh.close()
+
+
+def test_key_kinds_are_registered_once_and_prefix_free() -> None:
+    prefixes = list(KEY_KINDS.values())
+    assert len(set(prefixes)) == len(prefixes)
+    assert not [(a, b) for a in prefixes for b in prefixes if a != b and b.startswith(a)]
+    assert PROGRESS_KEY == b"" and all(prefixes)  # the progress record is a changelog key, never a store key
+
+
+def test_the_search_index_reads_newest_first_from_any_place(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path)
+    made = [
+        msgspec.structs.replace(PROMISE, id=id, created_on=at) for id, at in [("b", 2), ("a", 2), ("c", 1), ("d", 3)]
+    ]
+    store.write([(p, encode(p)) for p in made], 1, 1, 1_000, 4)
+    assert [id for _, id in store.newest(None)] == ["d", "b", "a", "c"]
+    assert [id for _, id in store.newest(Position(2, "b"))] == ["a", "c"]
+    assert [id for _, id in store.newest(Position(2, "az"))] == ["a", "c"]  # a place that is no promise's
+    assert list(store.newest(Position(1, "c"))) == []
+    assert sorted(store.falling_due(0, 5_000)) == ["a", "b", "c", "d"] and list(store.falling_due(5_000, 9_000)) == []
+
+
+def test_a_store_of_the_previous_format_is_outdated_and_a_new_one_is_not(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path)
+    assert not store.outdated  # empty
+    store.write([(PROMISE, encode(PROMISE))], 5, 9, 1_000, 1)
+    assert not store.outdated
+    store._db.delete(FORMAT_KEY)  # as format 1 left it: offsets, no format key
+    assert store.outdated
+    store._db.put(FORMAT_KEY, b"3")
+    assert store.outdated
