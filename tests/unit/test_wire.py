@@ -108,7 +108,8 @@ def test_a_completed_promise_round_trips() -> None:
 def test_a_reply_round_trips_and_carries_every_field() -> None:
     reply = Reply("req-1", "create", "order/42", True, "created", PROMISE, None)
     assert decode_reply(encode(reply)) == reply
-    assert set(json.loads(encode(reply))) == {"requestId", "op", "id", "ok", "status", "promise", "error", "promises", "next", "snapshot"}
+    fields = {"requestId", "op", "id", "ok", "status", "promise", "error", "promises", "next", "snapshot"}
+    assert set(json.loads(encode(reply))) == fields
     invalid = Reply(None, None, None, False, "invalid", None, "`op`: required")
     assert decode_reply(encode(invalid)) == invalid
 
