@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 
+from consumers.store import CREATED, CREATED_END, FORMAT_KEY, PartitionStore
 from dp.client import Promises
 from dp.errors import Refused, SearchBusy
 from dp.partitioning import partition_for
@@ -105,3 +106,24 @@ async def test_a_search_sees_every_write_acknowledged_before_it_while_writes_go_
 async def test_an_invalid_search_is_refused_with_the_reason(promises: Promises) -> None:
     with pytest.raises(Refused, match="at most 256 UTF-8 bytes"):
         await promises.search_page(Query("x" * 300))
+
+
+async def test_a_store_of_the_previous_layout_is_rebuilt_from_the_changelog(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]
+) -> None:
+    first = spawn("a")
+    run = unique("old")
+    async with Promises(kafka=kafka, topics=topics) as promises:
+        for n in range(8):
+            (await promises.create(f"{run}/{n}", timeout=HOUR)).raise_for_status()
+        assert first.stop() == 0
+        for path in sorted((first.data_dir / first.group).glob("partition-*")):
+            store = PartitionStore(path)  # made format 1: no format key, no search index
+            store._db.delete(FORMAT_KEY)
+            store._db.delete_range(CREATED, CREATED_END)
+            assert store.outdated
+            store.close()
+        spawn("a")
+        page = await promises.search_page(Query(f"{run}/*"))
+        assert sorted(p.id for p in page.promises) == sorted(f"{run}/{n}" for n in range(8))
+    assert "rebuilding it from the changelog" in first.log.read_text()
