@@ -24,7 +24,7 @@ from dp.wire import DEFAULT_LIMITS, Limits
 S = TypeVar("S", bound="Settings")
 ENV_PREFIX: Final = "DP_"
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
-_DESCRIBED: Final[dict[Any, str]] = {int: "a whole number"}
+_DESCRIBED: Final[dict[Any, str]] = {int: "a whole number", float: "a number"}
 
 
 class BadSetting(DpError):
@@ -194,6 +194,53 @@ class ProcessorSettings(Settings):
     @property
     def reply_prefixes(self) -> tuple[str, ...]:
         return tuple(prefix.strip() for prefix in self.reply_topic_prefixes.split(",") if prefix.strip())
+
+
+@dataclass(frozen=True)
+class GatewaySettings(Settings):
+    """One `dp gateway` process: the HTTP face of a deployment, one client (producer and reply reader) each."""
+
+    kafka: Kafka = field(default_factory=Kafka)
+    topics: Topics = field(default_factory=Topics)
+    listen: str = setting("127.0.0.1:8001", "host:port the HTTP gateway listens on (0.0.0.0:8001 for every address)")
+    tokens: str | None = setting(
+        None,
+        "comma-separated bearer tokens; when set, every route but /ping, /healthz, /readyz and /metrics needs "
+        "`Authorization: Bearer <one of them>`",
+        name="gateway_tokens",
+        secret=True,
+    )
+    cursor_key: str | None = setting(
+        None,
+        "key that signs search cursors (default: random per process, so a cursor works only on the gateway that "
+        "made it: give every gateway behind one load balancer the same key)",
+        secret=True,
+    )
+    reply_timeout: float = setting(30.0, "seconds to await the processor's answer before answering 504")
+    max_wait: float = setting(300.0, "longest long-poll (GET /promises/{id}?wait=...) in seconds; longer waits are cut")
+    log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        self.address  # noqa: B018 - refuses a malformed `listen` when the settings are made, not at bind time
+        for name in ("reply_timeout", "max_wait"):
+            if not getattr(self, name) > 0:
+                flag = name.replace("_", "-")
+                raise BadSetting(f"{name} must be a positive number of seconds: fix --{flag} or DP_{name.upper()}.")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """`listen` as (host, port); an IPv6 host may be bracketed (`[::1]:8001`)."""
+        host, _, port = self.listen.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise BadSetting(
+                f"listen {self.listen!r} is not host:port (e.g. 127.0.0.1:8001): fix --listen or DP_LISTEN."
+            )
+        return host, int(port)
+
+    @property
+    def token_list(self) -> tuple[str, ...]:
+        return tuple(token.strip() for token in (self.tokens or "").split(",") if token.strip())
 
 
 # --- command line ----------------------------------------------------------------------------------

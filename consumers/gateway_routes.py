@@ -1,0 +1,177 @@
+"""The gateway's route handlers: each reads a request's pieces, lets `dp.http` make the command, sends it
+with the gateway's one client and writes what `dp.http` renders. No decision about the contract is made
+here (see `dp/http.py`); errors are raised and the gateway's middleware answers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Final, Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from dp import http
+from dp.client import Promises
+from dp.errors import Refused, WaitTimeout
+from dp.http_query import events_filter, search_request, wait_seconds
+from dp.openapi import generate
+from dp.settings import GatewaySettings
+from dp.wire import Event, encode
+
+KEEPALIVE_S: Final = 15.0
+"""An idle event stream sends a comment this often: proxies keep it open and a gone client is noticed."""
+_OK: Final = encode(http.Status("ok"))
+_SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _json(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _params(request: web.Request) -> list[tuple[str, str]]:
+    return list(request.query.items())
+
+
+class Serving(Protocol):
+    """What the handlers need of the gateway (`consumers.gateway.Gateway`)."""
+
+    settings: GatewaySettings
+    stopping: asyncio.Event
+    registry: CollectorRegistry
+
+    def ready_client(self) -> Promises:
+        """The client, or an HttpError (503) while the gateway connects or stops."""
+        ...
+
+
+class Routes:
+    """The handlers, bound to one gateway (its client, state, settings and metrics)."""
+
+    def __init__(self, gateway: Serving) -> None:
+        self.gateway = gateway
+        self.openapi = generate().encode()
+
+    def register(self, router: web.UrlDispatcher) -> None:
+        for method, path, handler in (
+            ("POST", "/promises", self.create),
+            ("GET", "/promises", self.search),
+            ("GET", "/promises/{id:.+}", self.read),
+            ("PATCH", "/promises/{id:.+}", self.complete),
+            ("GET", "/events", self.events),
+            ("GET", "/ping", self.ping),
+            ("GET", "/healthz", self.ping),
+            ("GET", "/readyz", self.readyz),
+            ("GET", "/metrics", self.metrics),
+            ("GET", "/openapi.json", self.document),
+        ):
+            router.add_route(method, path, handler)
+
+    # --- the durable promise API --------------------------------------------------------------
+
+    async def create(self, request: web.Request) -> web.Response:
+        client = self.gateway.ready_client()
+        command = http.create_command(await request.read(), request.headers)
+        result = await client.send(command)
+        return _respond(http.answer("create", result.reply, command.id))
+
+    async def complete(self, request: web.Request) -> web.Response:
+        client = self.gateway.ready_client()
+        promise_id = request.match_info["id"]
+        command = http.complete_command(promise_id, await request.read(), request.headers)
+        result = await client.send(command)
+        return _respond(http.answer("complete", result.reply, promise_id))
+
+    async def read(self, request: web.Request) -> web.Response:
+        client = self.gateway.ready_client()
+        promise_id = request.match_info["id"]
+        command = http.get_command(promise_id, request.headers)
+        seconds = wait_seconds(_params(request), self.gateway.settings.max_wait)
+        if seconds is not None:
+            waited = await self._long_poll(promise_id, seconds)
+            if waited is not None:
+                return waited
+        result = await client.send(command)
+        return _respond(http.answer("get", result.reply, promise_id))
+
+    async def _long_poll(self, promise_id: str, seconds: float) -> web.Response | None:
+        """The completed record once `wait` has it; None when the wait ended first (or the gateway is
+        stopping): the caller then reads the record as it is now."""
+        client = self.gateway.ready_client()
+        waiting = asyncio.ensure_future(client.wait(promise_id, timeout=seconds))
+        stopping = asyncio.ensure_future(self.gateway.stopping.wait())
+        try:
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+        if waiting.cancelled():
+            return None
+        try:
+            return _json(200, http.render_promise(waiting.result()))
+        except WaitTimeout:
+            return None
+        except Refused as refused:  # no such promise (or an id the processor refused)
+            return _respond(http.answer("get", refused.reply, promise_id))
+
+    async def search(self, request: web.Request) -> web.Response:
+        client = self.gateway.ready_client()
+        query = search_request(_params(request))
+        page = await client.search_page(query, request_id=http.request_id(request.headers))
+        return _json(200, http.render_page(page.promises, page.cursor))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events of state changes from now on, until the client leaves or the gateway stops."""
+        client = self.gateway.ready_client()
+        prefix, types = events_filter(_params(request))
+        stream = client.events(prefix=prefix, types=types)
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        stopping = asyncio.ensure_future(self.gateway.stopping.wait())
+        following: asyncio.Future[Event] | None = None
+        try:
+            await response.write(b": following dp events\n\n")
+            while not stopping.done():
+                if following is None:
+                    following = asyncio.ensure_future(anext(stream))
+                done, _ = await asyncio.wait((following, stopping), timeout=KEEPALIVE_S, return_when="FIRST_COMPLETED")
+                if following in done:
+                    event, following = following.result(), None
+                    await response.write(http.render_event(event))
+                elif not done:
+                    await response.write(b": keep-alive\n\n")
+        except (ConnectionResetError, StopAsyncIteration):
+            pass  # the client left (or the stream ended with the client): nothing more to send
+        finally:
+            stopping.cancel()
+            if following is not None and not following.done():
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
+            await stream.aclose()
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+    # --- probes, metrics and the document -----------------------------------------------------
+
+    async def ping(self, request: web.Request) -> web.Response:
+        return _json(200, _OK)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        self.gateway.ready_client()
+        return _json(200, _OK)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.gateway.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def document(self, request: web.Request) -> web.Response:
+        return _json(200, self.openapi)
+
+
+def _respond(answer: http.Answer) -> web.Response:
+    return _json(answer.status, answer.body)
