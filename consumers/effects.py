@@ -335,10 +335,13 @@ def unchanged(route: Route, view: BatchView, query: Query, since: Snapshot, now:
         return False
     matches = compile_pattern(query.pattern).fullmatch
     for promise_id in changed:
-        promise = view.get(promise_id)
-        if matches(promise_id) and promise is not None and all(promise.tags.get(k) == v for k, v in query.tags.items()):
+        if matches(promise_id) and (not query.tags or selects_tags(query, view.get(promise_id))):
             return False
     return not any(matches(promise_id) for promise_id in view.store.falling_due(since.at, now))
+
+
+def selects_tags(query: Query, promise: Promise | None) -> bool:
+    return promise is not None and all(promise.tags.get(name) == value for name, value in query.tags.items())
 
 
 def reply_partition_of(route: Route, topic: str, partition: int | None, topics: Mapping[str, TopicInfo]) -> int:

@@ -213,3 +213,18 @@ def test_a_keyed_search_is_refused() -> None:
     record = Record(1, b"x", json.dumps({"op": "search", "id": "*", "requestId": "s"}).encode())
     (reply,) = answers(MemoryStore(), [record])
     assert reply.status == "invalid" and "no key" in (reply.error or "")
+
+
+def test_a_change_to_a_promise_without_the_querys_tags_is_invisible_to_it() -> None:
+    store = MemoryStore()
+    tagged = Record(
+        1, b"a/1", json.dumps({"op": "create", "id": "a/1", "timeout": NOW + 60_000, "tags": {"t": "x"}}).encode()
+    )
+    answers(store, [tagged])
+    (first,) = answers(store, [search(2, "a/*", tags={"t": "x"})])
+    since = msgspec.to_builtins(first.snapshot)
+    answers(store, [create(3, "a/2")])  # same prefix, no tag
+    (second,) = answers(store, [search(4, "a/*", tags={"t": "x"}, since=since)])
+    assert second.status == "unchanged"
+    (untagged,) = answers(store, [search(5, "a/*", since=since)])
+    assert untagged.status == "found"
