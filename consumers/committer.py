@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -101,6 +103,10 @@ class Committer:
         self._held = False
         self._cycle: asyncio.Task[None] | None = None
         self._rotation = 0
+        # Names each cycle's transaction in its search answers (unique: this process's incarnation and a
+        # count), so that a client can tell the answers one transaction committed together.
+        self._incarnation = uuid.uuid4().hex[:12]
+        self._cycles = itertools.count()
 
     # --- control (called by the processor) ------------------------------------------------
 
@@ -211,6 +217,7 @@ class Committer:
         count, size = self.max_batch, self.max_batch_bytes
         steps: list[Step] = []
         misses = self.reply_topics.misses
+        label = f"{self._incarnation}.{next(self._cycles)}"
         budgets: list[tuple[int, int]] = []
         for partition in busy[start:] + busy[:start]:
             records = partition.take(count, size) if count > 0 and size > 0 else []
@@ -220,12 +227,18 @@ class Committer:
             # too large to commit in time, again and again.
             timers, timer_bytes = min(DUE_PER_STEP, max(count, 0)), max(size, 1)
             budgets.append((timers, timer_bytes))
-            steps.append(partition.step(records, now, self.reply_topics, timers=timers, timer_bytes=timer_bytes))
+            steps.append(
+                partition.step(
+                    records, now, self.reply_topics, timers=timers, timer_bytes=timer_bytes, transaction=label
+                )
+            )
             count -= len(steps[-1].due)
         if self.reply_topics.misses != misses:  # a topic not known yet: learn it (or that it is missing), recompute
             await self.reply_topics.settle()
             steps = [
-                step.partition.step(step.records, now, self.reply_topics, timers=timers, timer_bytes=timer_bytes)
+                step.partition.step(
+                    step.records, now, self.reply_topics, timers=timers, timer_bytes=timer_bytes, transaction=label
+                )
                 for step, (timers, timer_bytes) in zip(steps, budgets, strict=True)
             ]
         return [step for step in steps if not step.empty]

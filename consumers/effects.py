@@ -178,11 +178,15 @@ def apply_batch(
     now: int,
     reply_topics: Mapping[str, TopicInfo],
     refusals: Mapping[int, str | None] | None = None,
+    *,
+    transaction: str | None = None,
 ) -> Effects:
     """Apply due timeouts, then each command in log order; `reply_topics` describes the cluster's topics.
 
     `refusals` (by offset) are records the shell learnt Kafka will not take the output of: each is
     refused with the reason given on the deployment's replies topic, or with None passed over silently.
+    `transaction` names the Kafka transaction the batch is committed in (with other partitions' batches),
+    for the snapshots of search answers.
     """
     view = BatchView(store)
     effects = Effects(changes=view.changes, changed=view.changed)
@@ -200,7 +204,7 @@ def apply_batch(
         try:
             command = accept(route, record, reply_topics)
             if type(command) is Search:
-                answer = search(route, view, command, now, reply_topics)
+                answer = search(route, view, command, now, reply_topics, transaction)
             else:
                 outcome = transition(view.get(command.id), command, now)
                 answer = reply_for(command, outcome)
@@ -299,11 +303,18 @@ def record_changes(route: Route, effects: Effects, view: BatchView, outcome: Out
     )
 
 
-def search(route: Route, view: BatchView, command: Search, now: int, reply_topics: Mapping[str, TopicInfo]) -> Reply:
+def search(
+    route: Route,
+    view: BatchView,
+    command: Search,
+    now: int,
+    reply_topics: Mapping[str, TopicInfo],
+    transaction: str | None,
+) -> Reply:
     """One partition's answer to a search: `unchanged` when the command's `since` snapshot still holds for
     what the query can see, else a page (as large as the reply topic takes) and the snapshot it reflects."""
     query = Query(command.id, command.state, command.tags, command.limit)
-    snapshot = Snapshot(route.partition, view.version, now)
+    snapshot = Snapshot(route.partition, view.version, now, transaction)
     if command.since is not None and unchanged(route, view, query, command.since, now):
         return Reply(command.request_id, "search", command.id, True, "unchanged", snapshot=snapshot)
     topic = command.reply_to or route.topics.replies

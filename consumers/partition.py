@@ -182,11 +182,13 @@ class Partition:
         *,
         timers: int = DUE_PER_STEP,
         timer_bytes: int | None = None,
+        transaction: str | None = None,
     ) -> Step:
         """Apply `records`, and at most `timers` of the timeouts due at `now` (about `timer_bytes` of records,
         by default `max_batch_bytes`), to a copy of the state: the store is read, never written. The effects
         end with this partition's progress record, which every transaction touching the partition carries
-        (I1), timer-only ones too: it records `now`, so that a new owner's clock never runs back."""
+        (I1), timer-only ones too: it records `now`, so that a new owner's clock never runs back. `transaction`
+        names the transaction the step will be committed in, for search answers (None: not shared)."""
         assert self.store is not None, "partition is not open"
         now = max(now, self.store.last_now)
         fresh = [record for record in records if record.offset >= self.next_offset]
@@ -194,7 +196,7 @@ class Partition:
         due = self.store.due(now, timers, timer_bytes or self.max_batch_bytes) if sweep else []
         if sweep and not due:  # the earliest timeout was completed meanwhile: look again
             self.next_deadline = self.store.next_deadline()
-        effects = apply_batch(self.route, self, fresh, due, now, reply_topics, refusals)
+        effects = apply_batch(self.route, self, fresh, due, now, reply_topics, refusals, transaction=transaction)
         next_offset = fresh[-1].offset + 1 if fresh else self.next_offset
         progress = progress_record(next_offset, now, self.version + len(effects.changed))
         effects.messages.append(Outgoing(self.route.topics.changelog, self.route.partition, PROGRESS_KEY, progress))

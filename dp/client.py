@@ -52,6 +52,7 @@ from dp.wire import (
     Resolve,
     Search,
     SearchState,
+    Snapshot,
     Value,
     decode_event,
     decode_reply,
@@ -312,11 +313,13 @@ class Promises:
     ) -> Page:
         """One page of a search (`query`, or the cursor of a previous page), by a double collect.
 
-        Every partition answers from its store with a snapshot (its change version and clock); a second
-        round sends each snapshot back, and a partition answers `unchanged` unless something the query
-        could see changed since. A round in which every partition is unchanged proves that the pages
-        held together during it: the merge reflects that instant. Partitions that changed answer afresh
-        and the round repeats, at most `search_rounds` times (then SearchBusy).
+        Every partition answers from its store with a snapshot (its change version and clock, and the
+        transaction that committed the answer). Answers one transaction committed reflect one instant, so
+        when a single processor answers in one cycle the first round is the last. Otherwise a second round
+        sends each snapshot back, and a partition answers `unchanged` unless something the query could see
+        changed since: a round in which every partition is unchanged proves that the pages held together
+        during it. Partitions that changed answer afresh and the round repeats, at most `search_rounds`
+        times (then SearchBusy).
         """
         after = None
         if isinstance(query, str):
@@ -336,8 +339,9 @@ class Promises:
         return Page(promises, encode_cursor(query, resume, self.cursor_key) if resume is not None else None)
 
     async def _collect(self, query: Query, after: Position | None, base: str) -> list[PartitionPage]:
-        """Every partition's page, confirmed by a round in which no partition changed (see `search_page`)."""
-        answers: dict[int, Reply] = {}
+        """Every partition's page, as of one instant (see `search_page`)."""
+        pages: dict[int, Reply] = {}
+        snapshots: dict[int, Snapshot] = {}
         for round in range(self.search_rounds):
             commands = [
                 Search(
@@ -347,20 +351,20 @@ class Promises:
                     tags=query.tags,
                     limit=query.limit,
                     after=after,
-                    since=answer.snapshot if (answer := answers.get(partition)) is not None else None,
+                    since=snapshots.get(partition),
                 )
                 for partition in range(self.partitions)
             ]
             replies = await asyncio.gather(*(self._request(c, None, p, None) for p, c in enumerate(commands)))
-            settled = True
+            unchanged = True
             for partition, reply in enumerate(replies):
-                if reply.status == "unchanged":
-                    continue
-                if reply.status != "found" or reply.snapshot is None:
+                if reply.status not in ("found", "unchanged") or reply.snapshot is None:
                     raise Refused(reply)
-                answers[partition], settled = reply, False
-            if settled:
-                return [PartitionPage(reply.promises or [], reply.next) for reply in answers.values()]
+                snapshots[partition] = reply.snapshot
+                if reply.status == "found":
+                    pages[partition], unchanged = reply, False
+            if unchanged or _one_transaction(replies):
+                return [PartitionPage(reply.promises or [], reply.next) for reply in pages.values()]
         raise SearchBusy(self.search_rounds)
 
     async def _read_replies(self, replies: AIOKafkaConsumer) -> None:
@@ -487,6 +491,14 @@ async def _assign(consumer: AIOKafkaConsumer, tps: list[TopicPartition], from_be
         return
     for tp, end in (await consumer.end_offsets(tps)).items():
         consumer.seek(tp, end)
+
+
+def _one_transaction(replies: Iterable[Reply]) -> bool:
+    """Whether one Kafka transaction committed every answer: then no write after one partition's answer
+    can have been acknowledged before a write before another's began (none is acknowledged before the
+    commit), so the answers reflect one instant, however busy the partitions."""
+    labels = {reply.snapshot.transaction if reply.snapshot is not None else None for reply in replies}
+    return len(labels) == 1 and None not in labels
 
 
 @dataclass(frozen=True)

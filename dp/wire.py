@@ -130,11 +130,13 @@ class Position(msgspec.Struct, frozen=True, gc=False, rename="camel"):
 
 
 class Snapshot(msgspec.Struct, frozen=True, gc=False, rename="camel"):
-    """What one partition's search answer reflected: its change `version` at its clock's `at`."""
+    """What one partition's search answer reflected: its change `version` at its clock's `at`, and the
+    Kafka transaction that committed the answer (answers committed together reflect one instant)."""
 
     partition: Partition
     version: Annotated[int, msgspec.Meta(ge=0)]
     at: Millis
+    transaction: str | None = None
 
 
 @final

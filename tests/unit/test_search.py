@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from consumers.effects import Route, TopicInfo, apply_batch
+from dp.client import _one_transaction
 from dp.search import (
     BadCursor,
     PartitionPage,
@@ -23,7 +24,7 @@ from dp.search import (
     position,
 )
 from dp.settings import Topics
-from dp.wire import DEFAULT_LIMITS, Position, Promise, Reply, Value, decode_reply
+from dp.wire import DEFAULT_LIMITS, Position, Promise, Reply, Snapshot, Value, decode_reply
 from tests.memory import MemoryStore
 
 TOPICS = Topics("t")
@@ -228,3 +229,17 @@ def test_a_change_to_a_promise_without_the_querys_tags_is_invisible_to_it() -> N
     assert second.status == "unchanged"
     (untagged,) = answers(store, [search(5, "a/*", since=since)])
     assert untagged.status == "found"
+
+
+def test_answers_carry_the_transaction_that_commits_them_and_one_shared_transaction_settles_a_round() -> None:
+    route = Route(0, 1, TOPICS, DEFAULT_LIMITS)
+    effects = apply_batch(route, MemoryStore(), [search(1)], [], NOW, COUNTS, transaction="cafe.7")
+    (reply,) = [decode_reply(m.value) for m in effects.messages if m.topic == TOPICS.replies]
+    assert reply.snapshot is not None and reply.snapshot.transaction == "cafe.7"
+
+    def answered(*labels: str | None) -> list[Reply]:
+        return [msgspec.structs.replace(reply, snapshot=Snapshot(n, 0, NOW, label)) for n, label in enumerate(labels)]
+
+    assert _one_transaction(answered("cafe.7", "cafe.7", "cafe.7"))
+    assert not _one_transaction(answered("cafe.7", "cafe.8", "cafe.7"))
+    assert not _one_transaction(answered(None, None))  # answers committed alone say nothing of each other
