@@ -30,18 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from consumers.gateway_routes import Routes
 from dp.client import Promises
-from dp.errors import ClientClosed, CommandInDoubt, DpError, Refused, SearchBusy
-from dp.http import (
-    INTERNAL,
-    NO_ANSWER,
-    UNAUTHORIZED,
-    UNAVAILABLE,
-    BadRequest,
-    Detail,
-    HttpError,
-    error_body,
-)
-from dp.search import BadCursor
+from dp.errors import DpError
+from dp.http import UNAVAILABLE, HttpError, error_body, failure, unauthorized
 from dp.settings import GatewaySettings
 
 log = logging.getLogger("dp.gateway")
@@ -92,25 +82,6 @@ class Metrics:
 
 def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
-
-
-def failure(error: Exception) -> HttpError:
-    """What an exception out of a handler answers (a status of 500 is a bug, logged with its traceback)."""
-    if isinstance(error, HttpError):
-        return error
-    if isinstance(error, BadCursor):
-        return BadRequest(str(error), [Detail("cursor", "not a cursor this deployment made")])
-    if isinstance(error, SearchBusy):
-        return HttpError(503, UNAVAILABLE, str(error))
-    if isinstance(error, CommandInDoubt):
-        return HttpError(504, NO_ANSWER, str(error))
-    if isinstance(error, ClientClosed):
-        return HttpError(503, UNAVAILABLE, _NOT_SERVING[Lifecycle.STOPPING])
-    if isinstance(error, Refused) and error.reply.status == "invalid":
-        return BadRequest(f"the command was refused as invalid ({error.reply.error}): fix the request.")
-    return HttpError(
-        500, INTERNAL, "the gateway failed to answer (logged with its cause): retry, and report it if it persists."
-    )
 
 
 class Gateway:
@@ -219,11 +190,11 @@ class Gateway:
             status = 499  # the client went away (or the stop's bound cancelled the handler)
             raise
         except Exception as error:
-            answer = failure(error)
+            answer = failure(error, _NOT_SERVING[Lifecycle.STOPPING])
             status = answer.status
             if status == 500:
                 log.exception("%s %s failed", request.method, request.path)
-            return json_response(status, answer.body())
+            return json_response(status, answer.body(), answer.headers)
         finally:
             self.metrics.in_flight.dec()
             self.metrics.observe(route, request.method, status, time.perf_counter() - started)
@@ -232,9 +203,7 @@ class Gateway:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Bearer-token auth when the gateway has tokens (probes and metrics exempt)."""
         if self._tokens and request.path not in OPEN_PATHS and not self._authorized(request):
-            raise HttpError(
-                401, UNAUTHORIZED, "this gateway needs a token: send `Authorization: Bearer <token>`."
-            ) from None
+            raise unauthorized()
         return await handler(request)
 
     def _authorized(self, request: web.Request) -> bool:

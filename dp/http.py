@@ -20,8 +20,9 @@ from typing import Final, Literal, TypeVar
 
 import msgspec
 
-from dp.errors import DpError
+from dp.errors import ClientClosed, CommandInDoubt, DpError, Refused, SearchBusy
 from dp.explain import invalid_document, malformed_json
+from dp.search import BadCursor
 from dp.wire import (
     DEFAULT_LIMITS,
     Cancel,
@@ -77,14 +78,23 @@ class ErrorBody(msgspec.Struct, frozen=True, gc=False):
 
 
 class HttpError(DpError):
-    """An answer that is an error: its HTTP status, the contract's code, one sentence, the failed fields."""
+    """An answer that is an error: its HTTP status, the contract's code, one sentence, the failed fields,
+    and response headers it needs (a 401's `WWW-Authenticate`)."""
 
-    def __init__(self, status: int, code: int, message: str, details: Iterable[Detail] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: int,
+        message: str,
+        details: Iterable[Detail] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = list(details)
+        self.headers = dict(headers or {})
 
     def body(self) -> bytes:
         return error_body(self.code, self.message, self.details)
@@ -95,6 +105,16 @@ class BadRequest(HttpError):
 
     def __init__(self, message: str, details: Iterable[Detail] = ()) -> None:
         super().__init__(400, INVALID, message, details)
+
+
+def unauthorized() -> HttpError:
+    """A request without one of the gateway's bearer tokens."""
+    return HttpError(
+        401,
+        UNAUTHORIZED,
+        "this gateway needs a token: send `Authorization: Bearer <token>`.",
+        headers={"WWW-Authenticate": 'Bearer realm="dp"'},
+    )
 
 
 def error_body(code: int, message: str, details: Iterable[Detail] = ()) -> bytes:
@@ -241,6 +261,26 @@ def _refusal(action: Action, reply: Reply, promise_id: str) -> HttpError:
         500,
         INTERNAL,
         f"the processor answered {reply.status!r} to a {action}, which this gateway cannot map: report it.",
+    )
+
+
+def failure(error: Exception, closed: str = "the gateway is shutting down: retry in a moment.") -> HttpError:
+    """What an exception out of the client answers; a 500 is a bug, which the caller logs with its cause.
+    `closed` is the message for a client that has closed (the gateway is stopping)."""
+    if isinstance(error, HttpError):
+        return error
+    if isinstance(error, BadCursor):
+        return BadRequest(str(error), [Detail("cursor", "not a cursor this deployment made")])
+    if isinstance(error, SearchBusy):
+        return HttpError(503, UNAVAILABLE, str(error))
+    if isinstance(error, CommandInDoubt):
+        return HttpError(504, NO_ANSWER, str(error))
+    if isinstance(error, ClientClosed):
+        return HttpError(503, UNAVAILABLE, closed)
+    if isinstance(error, Refused) and error.reply.status == "invalid":
+        return BadRequest(f"the command was refused as invalid ({error.reply.error}): fix the request.")
+    return HttpError(
+        500, INTERNAL, "the gateway failed to answer (logged with its cause): retry, and report it if it persists."
     )
 
 

@@ -22,6 +22,7 @@ from dp.topics import create_topics
 from tests.support import (
     TEST_PARTITIONS,
     UNIT_TESTS,
+    GatewayProcess,
     ServeProcess,
     container_broker,
     docker_answers,
@@ -86,4 +87,17 @@ def spawn(bootstrap_servers: str, topics: Topics, tmp_path: Path) -> Iterator[Ca
     for process in started:
         if process.process is not None and process.process.poll() is None:
             process.process.send_signal(signal.SIGCONT)
+        process.kill()
+
+
+@pytest.fixture
+def gateway(
+    bootstrap_servers: str, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path
+) -> Iterator[GatewayProcess]:
+    """A processor (through `spawn`) and a `dp gateway` in front of it, ready; both killed at teardown."""
+    spawn()
+    process = GatewayProcess(bootstrap_servers, topics, tmp_path / "gateway.log")
+    try:
+        yield process.start()
+    finally:
         process.kill()

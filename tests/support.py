@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: paths, the test broker, `dp serve` processes and wire-command builders.
+"""Helpers shared by the tests: paths, the test broker, `dp serve` and `dp gateway` processes and
+wire-command builders.
 
 Test modules import from here (never from conftest.py or from one another); conftest.py holds only
 fixtures and hooks.
@@ -7,6 +8,7 @@ fixtures and hooks.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
 import signal
@@ -15,14 +17,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dp.settings import Topics
+from tests.http_cases import ANY, FUTURE, PAST, SOME, Case, Step
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_SCRIPT = REPO / "scripts" / "kafka"
@@ -139,6 +145,74 @@ class ServeProcess:
         return int(kib) * 1024
 
 
+class GatewayProcess:
+    """One `dp gateway` OS process on a free port of 127.0.0.1, started and stopped like an operator would."""
+
+    def __init__(self, bootstrap_servers: str, topics: Topics, log: Path, env: dict[str, str] | None = None) -> None:
+        """`env` adds variables (e.g. DP_GATEWAY_TOKENS) to the process's environment."""
+        self.port = free_port()
+        self.command = [
+            sys.executable, "-m", "dp.cli", "gateway",
+            "--bootstrap-servers", bootstrap_servers,
+            "--topic-prefix", topics.prefix,
+            "--listen", f"127.0.0.1:{self.port}",
+        ]  # fmt: skip
+        self.env = env or {}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_within: float = 60.0, wait: bool = True) -> GatewayProcess:
+        """Start it and, unless `wait` is False, return once `/readyz` answers 200 (connected to Kafka)."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env}
+            )
+        deadline = time.monotonic() + ready_within
+        while wait and not self.ready():
+            if self.process.poll() is not None:
+                pytest.fail(f"dp gateway exited with {self.process.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"dp gateway was not ready within {ready_within:g}s:\n{self.log.read_text()}")
+            time.sleep(0.05)  # polling a condition: the next look at /readyz
+        return self
+
+    def answers(self, path: str) -> int | None:
+        """The status of `GET path`, None when nothing answers (not listening yet, or gone)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=2) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def ready(self) -> bool:
+        return self.answers("/readyz") == 200
+
+    def stop(self, seconds: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(seconds)
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
 def launcher(clock_offset_ms: int) -> list[str]:
     """`-m dp.cli`, or the same with Python's wall clock shifted: aiokafka's pure-Python record builder
     then stamps records with it too (its C one reads the system clock)."""
@@ -174,3 +248,97 @@ def complete(op: str, promise_id: str, key: str | None = "iku", strict: bool = F
     """A resolve, reject or cancel command as wire JSON, with a small value."""
     value = {"headers": {"k": "v"}, "data": base64.b64encode(b'"done"').decode()}
     return {"op": op, "id": promise_id, "idempotencyKey": key, "strict": strict, "value": value}
+
+
+# --- the HTTP case table (tests/http_cases.py): its templates and its checks -------------------------
+
+
+@dataclass
+class Scene:
+    """What a row's templates refer to: its id, the time it started, the last cursor seen."""
+
+    id: str
+    now_ms: int
+    cursor: str = ""
+
+    def text(self, template: str) -> str:
+        for name, size in (("{id256}", 256), ("{id257}", 257)):
+            template = template.replace(name, self.id + "x" * (size - len(self.id)))
+        return template.replace("{id}", self.id).replace("{cursor}", self.cursor)
+
+    def value(self, template: Any) -> Any:
+        if template == FUTURE:
+            return self.now_ms + 3_600_000
+        if template == PAST:
+            return self.now_ms - 1_000
+        if isinstance(template, str):
+            return self.text(template)
+        if isinstance(template, dict):
+            return {self.text(key): self.value(item) for key, item in template.items()}
+        if isinstance(template, list):
+            return [self.value(item) for item in template]
+        return template
+
+    def headers(self, step: Step) -> dict[str, str]:
+        return {name: self.text(value) for name, value in step.headers.items()}
+
+
+def mismatches(case: Case, scene: Scene, status: int, document: Any) -> list[str]:
+    """Every way an answer (status, decoded JSON body) differs from the row; empty when it fits."""
+    problems: list[str] = []
+    if status != case.status:
+        problems.append(f"status {status}, expected {case.status}: {document}")
+    if case.code is not None:
+        error = document.get("error") if isinstance(document, dict) else None
+        if not isinstance(error, dict) or error.get("code") != case.code:
+            problems.append(f"error code: expected {case.code}, got {document}")
+        elif not isinstance(error.get("message"), str) or not isinstance(error.get("details"), list):
+            problems.append(f"error body without a message or a details list: {document}")
+        elif case.details is not None:
+            named = tuple(detail.get("field") for detail in error["details"])
+            if named != tuple(scene.text(name) for name in case.details):
+                problems.append(f"details name {named}, expected {case.details}")
+    if case.expect is not None:
+        problems.extend(_differences(scene.value(case.expect), document, "$"))
+    for dotted in case.absent:
+        if _has(document, dotted.split(".")):
+            problems.append(f"{dotted} should be omitted: {document}")
+    return problems
+
+
+def _differences(expected: Any, got: Any, path: str) -> Iterator[str]:
+    if expected == ANY:
+        return
+    if expected == SOME:
+        if got is None:
+            yield f"{path}: expected a value, got null"
+        return
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            yield f"{path}: expected an object, got {got!r}"
+            return
+        if not expected and got:
+            yield f"{path}: expected {{}}, got {got!r}"
+        for key, item in expected.items():
+            if key not in got:
+                yield f"{path}.{key}: missing"
+            else:
+                yield from _differences(item, got[key], f"{path}.{key}")
+        return
+    if isinstance(expected, list):
+        if not isinstance(got, list) or len(got) != len(expected):
+            yield f"{path}: expected {len(expected)} items, got {got!r}"
+            return
+        for index, (item, found) in enumerate(zip(expected, got, strict=True)):
+            yield from _differences(item, found, f"{path}[{index}]")
+        return
+    if expected != got:
+        yield f"{path}: expected {expected!r}, got {got!r}"
+
+
+def _has(document: Any, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(document, dict) or key not in document:
+            return False
+        document = document[key]
+    return True
