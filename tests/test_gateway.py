@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +22,7 @@ from yarl import URL
 from dp.settings import Kafka, Topics
 from dp.topics import create_topics
 from tests.http_cases import Case, Step, cases
-from tests.support import TEST_PARTITIONS, GatewayProcess, Scene, ServeProcess, mismatches, now_ms, unique
+from tests.support import REPO, TEST_PARTITIONS, GatewayProcess, Scene, ServeProcess, mismatches, now_ms, unique
 
 HOUR_MS = 3_600_000
 
@@ -129,6 +131,21 @@ async def test_a_long_poll_answers_when_another_request_completes_the_promise(
     status, record = await asyncio.wait_for(polling, 30)
     assert (status, record["state"]) == (200, "RESOLVED")
     assert time.monotonic() - started < 30
+
+
+async def test_the_readme_curl_examples_work_as_written(deployment: GatewayProcess) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## HTTP gateway") :]
+    (block,) = re.findall(r"```sh\n(.*?)```", section[: section.index("\n## ")], re.S)
+    script = block.replace("127.0.0.1:8001", deployment.url).replace("curl -s ", "curl -s -w '\\n' ")
+    ran = await asyncio.to_thread(
+        subprocess.run, ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stderr
+    created, read, resolved, found = (json.loads(line) for line in ran.stdout.splitlines())
+    assert (created["state"], created["tags"], read["id"]) == ("PENDING", {"shop": "eu"}, "order/42")
+    assert resolved["state"] == "RESOLVED" and resolved["value"] == {"data": "InNoaXBwZWQi"}
+    assert [promise["id"] for promise in found["promises"]] == ["order/42"]
 
 
 async def test_events_stream_as_server_sent_events(deployment: GatewayProcess, session: aiohttp.ClientSession) -> None:
