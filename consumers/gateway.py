@@ -103,7 +103,7 @@ class Gateway:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def run(self, started: Callable[[], None] | None = None) -> None:
+    async def run(self) -> None:
         """Listen, connect the client (retrying until it works or the gateway stops), serve until `stop()`."""
         host, port = self.settings.address
         runner = _Runner(self.app, access_log=None, shutdown_timeout=min(self.settings.reply_timeout, DRAIN_S) + 1)
@@ -111,8 +111,6 @@ class Gateway:
         try:
             await web.TCPSite(runner, host, port, backlog=1024).start()
             log.info("listening on http://%s:%d", host, port)
-            if started is not None:
-                started()
             await self._connect()
             await self.stopping.wait()
         finally:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from typing import Final, Protocol
 
 from aiohttp import web
@@ -20,8 +22,12 @@ from dp.openapi import generate
 from dp.settings import GatewaySettings
 from dp.wire import Event, encode
 
+log = logging.getLogger("dp.gateway")
+
 KEEPALIVE_S: Final = 15.0
-"""An idle event stream sends a comment this often: proxies keep it open and a gone client is noticed."""
+"""An idle event stream sends a comment this often, so that proxies keep it open."""
+LOOK_S: Final = 1.0
+"""How often an event stream checks that its client is still connected."""
 _OK: Final = encode(http.Status("ok"))
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -32,6 +38,11 @@ def _json(status: int, body: bytes) -> web.Response:
 
 def _params(request: web.Request) -> list[tuple[str, str]]:
     return list(request.query.items())
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 class Serving(Protocol):
@@ -125,7 +136,10 @@ class Routes:
         return _json(200, http.render_page(page.promises, page.cursor))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-Sent Events of state changes from now on, until the client leaves or the gateway stops."""
+        """Server-Sent Events of state changes from now on, until the client leaves or the gateway stops.
+
+        aiohttp does not cancel a handler whose client left, so the loop looks at the connection every
+        second: a gone client releases its Kafka consumer within a second, not at the next event."""
         client = self.gateway.ready_client()
         prefix, types = events_filter(_params(request))
         stream = client.events(prefix=prefix, types=types)
@@ -133,19 +147,24 @@ class Routes:
         await response.prepare(request)
         stopping = asyncio.ensure_future(self.gateway.stopping.wait())
         following: asyncio.Future[Event] | None = None
+        quiet_since = time.monotonic()
         try:
             await response.write(b": following dp events\n\n")
-            while not stopping.done():
+            while not stopping.done() and _connected(request):
                 if following is None:
                     following = asyncio.ensure_future(anext(stream))
-                done, _ = await asyncio.wait((following, stopping), timeout=KEEPALIVE_S, return_when="FIRST_COMPLETED")
-                if following in done:
+                await asyncio.wait((following, stopping), timeout=LOOK_S, return_when=asyncio.FIRST_COMPLETED)
+                if following.done():
                     event, following = following.result(), None
                     await response.write(http.render_event(event))
-                elif not done:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                     await response.write(b": keep-alive\n\n")
+                    quiet_since = time.monotonic()
         except (ConnectionResetError, StopAsyncIteration):
-            pass  # the client left (or the stream ended with the client): nothing more to send
+            pass  # the client left, or the client library closed the stream: nothing more to send
+        except Exception:  # the headers are out: the stream can only end, so say why in the log
+            log.exception("the event stream failed")
         finally:
             stopping.cancel()
             if following is not None and not following.done():

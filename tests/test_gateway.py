@@ -186,6 +186,17 @@ async def next_event(stream: aiohttp.ClientResponse) -> tuple[str, dict[str, Any
         fields[name] = value
 
 
+async def test_an_event_stream_ends_when_its_client_leaves(
+    deployment: GatewayProcess, session: aiohttp.ClientSession
+) -> None:
+    async with aiohttp.ClientSession() as leaving, leaving.get(f"{deployment.url}/events") as stream:
+        assert (await stream.content.readline()).startswith(b":")
+        assert await in_flight(session, deployment) >= 2  # the stream and this scrape (an earlier test's may end)
+    deadline = time.monotonic() + 10
+    while await in_flight(session, deployment) != 1:  # only this scrape: the handler saw the client go
+        assert time.monotonic() < deadline, "the event stream outlived its client"
+
+
 async def test_metrics_count_requests_by_route_and_status(
     deployment: GatewayProcess, session: aiohttp.ClientSession
 ) -> None:
