@@ -130,6 +130,7 @@ class Gateway:
         self.stopping.set()
 
     async def _connect(self) -> None:
+        """Start the client, again and again with a backoff until it starts; a stop cancels the attempt."""
         attempt = 0
         while not self.stopping.is_set():
             client = Promises(
@@ -138,24 +139,35 @@ class Gateway:
                 reply_timeout=self.settings.reply_timeout,
                 cursor_key=self.settings.cursor_key.encode() if self.settings.cursor_key else None,
             )
-            try:
-                await client.start()
-            except Exception as error:  # any failure to start is worth another try: the broker may come later
-                delay = CONNECT_BACKOFF_S[min(attempt, len(CONNECT_BACKOFF_S) - 1)]
-                attempt += 1
-                detail = str(error) if isinstance(error, DpError) else repr(error)
-                log.warning("not connected to Kafka yet (%s); retrying in %.1fs", detail, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), delay)
-                continue
-            if self.stopping.is_set():
+            starting = asyncio.ensure_future(client.start())
+            if not await self._before_stop(starting):
                 await client.close()
                 return
-            self.client = client
-            self.state = Lifecycle.READY
-            self.metrics.ready.set(1)
-            log.info("ready: %d partitions, replies on partition %s", client.partitions, client.reply_partition)
-            return
+            error = starting.exception()
+            if error is None:
+                self.client = client
+                self.state = Lifecycle.READY
+                self.metrics.ready.set(1)
+                log.info("ready: %d partitions, replies on partition %s", client.partitions, client.reply_partition)
+                return
+            delay = CONNECT_BACKOFF_S[min(attempt, len(CONNECT_BACKOFF_S) - 1)]
+            attempt += 1
+            detail = str(error) if isinstance(error, DpError) else repr(error)
+            log.warning("not connected to Kafka yet (%s); retrying in %.1fs", detail, delay)
+            await self._before_stop(asyncio.ensure_future(asyncio.sleep(delay)))
+
+    async def _before_stop(self, work: asyncio.Future[None]) -> bool:
+        """Whether `work` ended before a stop began; if not, it is cancelled (and awaited)."""
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait((work, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        return not work.cancelled()
 
     def ready_client(self) -> Promises:
         """The client, for a handler; 503 while connecting or stopping."""
@@ -247,7 +259,10 @@ class _JsonErrors(web_protocol.RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("the response has begun: the error cannot be sent")  # as aiohttp's own does
-        log.debug("refused a request from %s: %r", request.remote, exc)
+        if status >= 500:
+            log.error("failed to read a request from %s", request.remote, exc_info=exc)
+        else:
+            log.debug("refused a request from %s: %r", request.remote, exc)
         if isinstance(exc, LineTooLong):
             text = f"the request line or a header is over {MAX_FIELD_BYTES} bytes: send shorter headers."
         elif status < 500:

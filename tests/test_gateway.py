@@ -241,6 +241,20 @@ async def test_no_processor_is_a_504_and_missing_topics_make_it_unready(
         gateway.kill()
 
 
+async def test_sigterm_while_connecting_exits_0(bootstrap_servers: str, tmp_path: Path) -> None:
+    topics = Topics(f"t{uuid.uuid4().hex[:10]}")  # never created: the gateway keeps retrying
+    gateway = GatewayProcess(bootstrap_servers, topics, tmp_path / "gw.log")
+    try:
+        gateway.start(wait=False)
+        await until(lambda: gateway.answers("/readyz") == 503)
+        started = time.monotonic()
+        assert await asyncio.to_thread(gateway.stop) == 0
+        assert time.monotonic() - started < 10
+        assert "not connected to Kafka yet" in gateway.log.read_text()
+    finally:
+        gateway.kill()
+
+
 async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
