@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dp.kafka import options
-from dp.settings import BadSetting, Kafka, ProcessorSettings, Topics, add_flags, from_flags
+from dp.settings import BadSetting, GatewaySettings, Kafka, ProcessorSettings, Topics, add_flags, from_flags
 
 
 def parser_for(*classes: type[Kafka | Topics | ProcessorSettings]) -> argparse.ArgumentParser:
@@ -88,3 +88,32 @@ def test_client_options_carry_sasl_only_when_asked() -> None:
     sasl = options(Kafka(security_protocol="SASL_PLAINTEXT", sasl_username="me", sasl_password="pw"))
     assert sasl["sasl_plain_username"] == "me" and sasl["sasl_plain_password"] == "pw"
     assert sasl["security_protocol"] == "SASL_PLAINTEXT" and "ssl_context" not in sasl
+
+
+def test_gateway_settings_read_their_variables_and_keep_secrets_out_of_reprs() -> None:
+    settings = GatewaySettings.from_env(
+        {
+            "DP_LISTEN": "[::1]:9000",
+            "DP_GATEWAY_TOKENS": " t0ken-a, t0ken-b ,",
+            "DP_CURSOR_KEY": "k3y",
+            "DP_MAX_WAIT": "60",
+        }
+    )
+    assert settings.address == ("::1", 9000) and settings.token_list == ("t0ken-a", "t0ken-b")
+    assert settings.max_wait == 60.0 and settings.reply_timeout == 30.0
+    assert "t0ken" not in repr(settings) and "k3y" not in repr(settings)
+    assert GatewaySettings().address == ("127.0.0.1", 8001) and GatewaySettings().token_list == ()
+
+
+@pytest.mark.parametrize("listen", ["8001", "localhost", ":8001", "host:port", "host:70000", "host:"])
+def test_a_listen_address_that_is_not_host_port_is_one_sentence(listen: str) -> None:
+    with pytest.raises(BadSetting) as raised:
+        GatewaySettings.from_env({"DP_LISTEN": listen})
+    assert str(raised.value) == f"listen {listen!r} is not host:port (e.g. 127.0.0.1:8001): fix --listen or DP_LISTEN."
+
+
+def test_gateway_durations_must_be_positive() -> None:
+    with pytest.raises(BadSetting, match="DP_REPLY_TIMEOUT"):
+        GatewaySettings.from_env({"DP_REPLY_TIMEOUT": "0"})
+    with pytest.raises(BadSetting, match="DP_MAX_WAIT='soon' is not a number"):
+        GatewaySettings.from_env({"DP_MAX_WAIT": "soon"})
