@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from dp import http
 from dp.client import Promises
 from dp.errors import Refused, WaitTimeout
+from dp.http import UNAVAILABLE, HttpError
 from dp.http_query import events_filter, search_request, wait_seconds
 from dp.openapi import generate
 from dp.settings import GatewaySettings
@@ -182,7 +183,8 @@ class Routes:
         return _json(200, _OK)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        self.gateway.ready_client()
+        if not self.gateway.ready_client().healthy:
+            raise HttpError(503, UNAVAILABLE, "the gateway lost its reply reader (Kafka failed): restart it")
         return _json(200, _OK)
 
     async def metrics(self, request: web.Request) -> web.Response:

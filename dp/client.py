@@ -171,6 +171,11 @@ class Promises:
             await self.close()
             raise
 
+    @property
+    def healthy(self) -> bool:
+        """Started, and still reading its replies (a Kafka failure of the reply reader ends that)."""
+        return self._producer is not None and self._failure is None
+
     async def close(self) -> None:
         """Disconnect; event streams parked at a `yield` (their loop ended or raised) are closed too."""
         self._producer = None

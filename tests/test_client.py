@@ -183,3 +183,9 @@ async def test_no_processor_means_a_reply_timeout_that_says_a_retry_is_safe(kafk
         await Promises(f"127.0.0.1:{free_port()}").start()
     with pytest.raises(TopicsProblem, match="dp topics create"):
         await Promises(kafka=kafka, topics=Topics(unique("none"))).start()
+
+
+async def test_a_client_is_healthy_while_it_runs(promises: Promises) -> None:
+    assert promises.healthy
+    await promises.close()
+    assert not promises.healthy
