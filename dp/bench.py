@@ -12,6 +12,7 @@ replies received:
 
 Without --spawn it targets the processors already serving the deployment's topics; with --spawn K
 it creates fresh topics, starts K `dp serve` processes on them, and removes both afterwards.
+`dp bench --http` (the HTTP gateway beside the client library) is `dp.bench_http`.
 """
 
 from __future__ import annotations
@@ -357,9 +358,15 @@ class Spawned:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.scratch = Path(tempfile.mkdtemp(prefix="dp-bench-"))
 
-    def start(self, *args: str) -> None:
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        """`python ARGS` with its output in the scratch dir's next log (`N.log`, N its index in `processes`)."""
         log = (self.scratch / f"{len(self.processes)}.log").open("wb")
         self.processes.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT))
+        return self.processes[-1]
+
+    def log(self, process: subprocess.Popen[bytes]) -> Path:
+        """Where `process` writes: an error about a process that died can quote it."""
+        return self.scratch / f"{self.processes.index(process)}.log"
 
     def stop_all(self) -> None:
         for process in self.processes:

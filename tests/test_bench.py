@@ -1,12 +1,20 @@
-"""`dp bench --quick` runs end to end and prints the JSON it promises (a check, not a timing assertion)."""
+"""`dp bench --quick` runs end to end and prints the JSON it promises (a check, not a timing assertion).
+
+The same for `dp bench --http`, whose timing targets live in docs/benchmarks.md, never here: a test
+machine's speed is not the code's.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from dp.bench_http import CPU_SOURCES, closed_loop
 from tests.support import REPO
 
 FIELDS = {
@@ -15,6 +23,11 @@ FIELDS = {
 }  # fmt: skip
 RATE_FIELDS = {"offered_rate", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "commands", "transactions_per_s"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HTTP_FIELDS = {"mode", "gateway", "processors", "partitions", "seconds", "warmup_seconds", "cores", "phases", "errors"}
+PHASE_FIELDS = {
+    "face", "clients", "seconds", "created", "creates_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms",
+    "errors", "cpu_percent",
+}  # fmt: skip
 
 
 def test_quick_bench_at_two_rates_prints_one_json_object_and_plots_them(bootstrap_servers: str, tmp_path: Path) -> None:
@@ -51,3 +64,60 @@ def test_plot_without_matplotlib_is_refused_before_the_run_in_one_sentence(tmp_p
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "dp[plot]" in result.stderr
     assert not (tmp_path / "latency.png").exists()
+
+
+def test_quick_http_bench_measures_the_gateway_beside_the_client_at_each_concurrency(bootstrap_servers: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dp.cli", "bench", "--quick", "--http", "--spawn", "1", "--partitions", "4", "--json",
+         "--clients", "10,100", "--bootstrap-servers", bootstrap_servers],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report.keys() >= HTTP_FIELDS and report["mode"] == "http"
+    assert (report["processors"], report["partitions"], report["errors"]) == (1, 4, 0)
+    assert report["gateway"].startswith("http://127.0.0.1:")
+    phases = report["phases"]
+    assert [(p["clients"], p["face"]) for p in phases] == [(10, "http"), (10, "client"), (100, "http"), (100, "client")]
+    for p in phases:
+        assert p.keys() >= PHASE_FIELDS and p["errors"] == {}
+        assert p["created"] > 0 and p["creates_per_s"] == round(p["created"] / p["seconds"], 1)
+        assert 0 < p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
+        assert set(p["cpu_percent"]) == set(CPU_SOURCES)
+    # The benchmark started the gateway, so it can say how much CPU the gateway used while it was measured.
+    assert all(p["cpu_percent"]["gateway"] is not None for p in phases if p["face"] == "http")
+
+
+async def test_closed_loop_times_the_window_and_counts_errors_from_the_warm_up_on() -> None:
+    sent: list[str] = []
+
+    async def attempt(promise_id: str) -> str | None:
+        sent.append(promise_id)
+        await asyncio.sleep(0.002)  # stands for the round trip
+        return "HTTP 409" if len(sent) % 5 == 0 else None
+
+    tally = await closed_loop(attempt, 3, warmup=0.1, seconds=0.2, ids=lambda k, n: f"{k}/{n}")
+    assert len(set(sent)) == len(sent)
+    assert tally.errors == {"HTTP 409": len(sent) // 5}
+    # Successes of the warm-up (about a third of the time) are not counted; every counted one is timed.
+    assert 0 < tally.created < len(sent) - len(sent) // 5
+    assert tally.histogram.get_total_count() == tally.created
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--http", "--plot", "x.png"], "--plot"),
+        (["--http", "--rates", "200"], "--rates"),
+        (["--clients", "10"], "--clients"),
+        (["--gateway", "http://127.0.0.1:9"], "--gateway"),
+        (["--http", "--spawn", "1", "--gateway", "http://127.0.0.1:9"], "--gateway"),
+    ],
+)
+def test_flags_of_the_other_mode_are_refused_in_one_sentence(flags: list[str], named: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dp.cli", "bench", *flags, "--bootstrap-servers", "127.0.0.1:9"],  # never reached
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and named in result.stderr
