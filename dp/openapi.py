@@ -16,6 +16,7 @@ from typing import Any, Final
 import msgspec
 
 from dp.http import CompleteRequest, CreateRequest, ErrorBody, PromiseView, SearchPage, Status
+from dp.schema import write_generated
 from dp.wire import MAX_SEARCH_LIMIT
 
 DEFAULT_PATH: Final = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
@@ -197,9 +198,7 @@ def generate() -> str:
 
 
 def main(argv: list[str]) -> None:
-    path = Path(argv[0]) if argv else DEFAULT_PATH
-    path.write_text(generate(), encoding="utf-8")
-    print(f"wrote {path}")
+    write_generated(generate(), argv, DEFAULT_PATH)
 
 
 if __name__ == "__main__":

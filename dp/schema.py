@@ -32,10 +32,15 @@ def generate() -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
-def main(argv: list[str]) -> None:
-    path = Path(argv[0]) if argv else DEFAULT_PATH
-    path.write_text(generate(), encoding="utf-8")
+def write_generated(text: str, argv: list[str], default: Path) -> None:
+    """Write a generated document to the path given on the command line, else to its committed place."""
+    path = Path(argv[0]) if argv else default
+    path.write_text(text, encoding="utf-8")
     print(f"wrote {path}")
+
+
+def main(argv: list[str]) -> None:
+    write_generated(generate(), argv, DEFAULT_PATH)
 
 
 if __name__ == "__main__":

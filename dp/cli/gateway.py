@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags
+from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags, service_logs
 from dp.settings import GatewaySettings, add_flags, from_flags
 
 
@@ -27,7 +26,6 @@ async def run_gateway(args: argparse.Namespace) -> int:
     from consumers.gateway import serve
 
     settings = from_flags(GatewaySettings, args)
-    logging.getLogger("dp").setLevel(settings.log_level)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING if settings.log_level == "DEBUG" else logging.CRITICAL)
+    service_logs(settings.log_level)
     await serve(settings)
     return EXIT_OK

@@ -43,6 +43,13 @@ def quiet_client_logs() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
+def service_logs(level: str) -> None:
+    """A long-running service's logs: dp's at `level`. aiokafka logs each transient failure; dp reports the
+    ones that matter, once, in its own words, so aiokafka's show only when debugging."""
+    logging.getLogger("dp").setLevel(level)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING if level == "DEBUG" else logging.CRITICAL)
+
+
 def duration(text: str) -> float:
     """Seconds from `30s`, `5m`, `1h`, `2d`, `250ms` or a plain number of seconds."""
     match = _DURATION.fullmatch(text.strip())

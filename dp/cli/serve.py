@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags
+from dp.cli.options import EXIT_OK, Subcommands, add_connection_flags, service_logs
 from dp.settings import ProcessorSettings, add_flags, from_flags
 
 
@@ -27,8 +26,6 @@ async def run_serve(args: argparse.Namespace) -> int:
     from consumers.processor import serve
 
     settings = from_flags(ProcessorSettings, args)
-    logging.getLogger("dp").setLevel(settings.log_level)
-    # aiokafka logs each transient failure; the processor reports the ones that matter, once, in its words.
-    logging.getLogger("aiokafka").setLevel(logging.WARNING if settings.log_level == "DEBUG" else logging.CRITICAL)
+    service_logs(settings.log_level)
     await serve(settings)
     return EXIT_OK
