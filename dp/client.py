@@ -330,7 +330,8 @@ class Promises:
         if isinstance(query, str):
             query, after = decode_cursor(query, self.cursor_key)
         seconds = self.reply_timeout if reply_timeout is None else reply_timeout
-        base = request_id or uuid.uuid4().hex
+        # Unique even when callers reuse a request id: a round's answers must reach the search that asked.
+        base = f"{request_id}.{uuid.uuid4().hex[:12]}" if request_id else uuid.uuid4().hex
         try:
             async with asyncio.timeout(seconds):
                 while True:
