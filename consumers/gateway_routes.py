@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncGenerator, Iterator
 from typing import Final, Protocol
 
 from aiohttp import web
@@ -64,6 +65,8 @@ class Routes:
     def __init__(self, gateway: Serving) -> None:
         self.gateway = gateway
         self.openapi = generate().encode()
+        self.followers = 0
+        """Long-polls and event streams open now."""
 
     def register(self, router: web.UrlDispatcher) -> None:
         for method, path, handler in (
@@ -101,7 +104,8 @@ class Routes:
         command = http.get_command(promise_id, request.headers)
         seconds = wait_seconds(_params(request), self.gateway.settings.max_wait)
         if seconds is not None:
-            waited = await self._long_poll(promise_id, seconds)
+            with self._following():
+                waited = await self._long_poll(promise_id, seconds)
             if waited is not None:
                 return waited
         result = await client.send(command)
@@ -143,7 +147,10 @@ class Routes:
         second: a gone client releases its Kafka consumer within a second, not at the next event."""
         client = self.gateway.ready_client()
         prefix, types = events_filter(_params(request))
-        stream = client.events(prefix=prefix, types=types)
+        with self._following():
+            return await self._stream(request, client.events(prefix=prefix, types=types))
+
+    async def _stream(self, request: web.Request, stream: AsyncGenerator[Event, None]) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         stopping = asyncio.ensure_future(self.gateway.stopping.wait())
@@ -176,6 +183,22 @@ class Routes:
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response
+
+    @contextlib.contextmanager
+    def _following(self) -> Iterator[None]:
+        """Count a long-poll or event stream for as long as it runs: each holds a Kafka consumer, so past
+        `max_followers` of them a request is refused (503) rather than exhaust the brokers' connections."""
+        limit = self.gateway.settings.max_followers
+        if self.followers >= limit:
+            raise HttpError(
+                503, UNAVAILABLE, f"{limit} long-polls and event streams are open already: retry later, or raise "
+                "the gateway's --max-followers (DP_MAX_FOLLOWERS)",
+            )  # fmt: skip
+        self.followers += 1
+        try:
+            yield
+        finally:
+            self.followers -= 1
 
     # --- probes, metrics and the document -----------------------------------------------------
 

@@ -218,6 +218,10 @@ class GatewaySettings(Settings):
     )
     reply_timeout: float = setting(30.0, "seconds to await the processor's answer before answering 504")
     max_wait: float = setting(300.0, "longest long-poll (GET /promises/{id}?wait=...) in seconds; longer waits are cut")
+    max_followers: int = setting(
+        100,
+        "most long-polls and event streams open at once (each holds a Kafka consumer); beyond it they get 503",
+    )
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
@@ -226,6 +230,8 @@ class GatewaySettings(Settings):
             if not getattr(self, name) > 0:
                 flag = name.replace("_", "-")
                 raise BadSetting(f"{name} must be a positive number of seconds: fix --{flag} or DP_{name.upper()}.")
+        if self.max_followers < 0:
+            raise BadSetting("max_followers must be 0 or more: fix --max-followers or DP_MAX_FOLLOWERS.")
 
     @property
     def address(self) -> tuple[str, int]:

@@ -241,6 +241,30 @@ async def test_no_processor_is_a_504_and_missing_topics_make_it_unready(
         gateway.kill()
 
 
+async def test_long_polls_and_event_streams_beyond_the_limit_get_503(
+    bootstrap_servers: str, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path,
+    session: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    spawn()
+    gateway = GatewayProcess(bootstrap_servers, topics, tmp_path / "gw.log", env={"DP_MAX_FOLLOWERS": "1"})
+    promise_id = unique("few")
+    try:
+        gateway.start()
+        async with session.post(f"{gateway.url}/promises", json=create_body(promise_id)) as created:
+            assert created.status == 201
+        async with session.get(f"{gateway.url}/events") as stream:
+            assert (await stream.content.readline()).startswith(b":")  # the one stream allowed is open
+            for path in (f"/promises/{promise_id}?wait=1s", "/events"):
+                async with session.get(gateway.url + path) as refused:
+                    assert refused.status == 503, path
+                    assert "--max-followers" in (await refused.json())["error"]["message"]
+            async with session.get(f"{gateway.url}/promises/{promise_id}") as plain:  # a read holds no consumer
+                assert plain.status == 200
+        await until(lambda: gateway.answers(f"/promises/{promise_id}?wait=10ms") == 200)  # the stream's slot is free
+    finally:
+        gateway.kill()
+
+
 async def test_sigterm_while_connecting_exits_0(bootstrap_servers: str, tmp_path: Path) -> None:
     topics = Topics(f"t{uuid.uuid4().hex[:10]}")  # never created: the gateway keeps retrying
     gateway = GatewayProcess(bootstrap_servers, topics, tmp_path / "gw.log")
