@@ -147,16 +147,26 @@ class Routes:
         second: a gone client releases its Kafka consumer within a second, not at the next event."""
         client = self.gateway.ready_client()
         prefix, types = events_filter(_params(request))
+        positioned = asyncio.Event()
         with self._following():
-            return await self._stream(request, client.events(prefix=prefix, types=types))
+            return await self._stream(
+                request, client.events(prefix=prefix, types=types, positioned=positioned), positioned
+            )
 
-    async def _stream(self, request: web.Request, stream: AsyncGenerator[Event, None]) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, stream: AsyncGenerator[Event, None], positioned: asyncio.Event
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         stopping = asyncio.ensure_future(self.gateway.stopping.wait())
         following: asyncio.Future[Event] | None = None
         quiet_since = time.monotonic()
         try:
+            # The comment says the stream is in place: every event after it arrives (clients may wait for it).
+            following = asyncio.ensure_future(anext(stream))
+            placed = asyncio.ensure_future(positioned.wait())
+            await asyncio.wait((placed, following, stopping), return_when=asyncio.FIRST_COMPLETED)
+            placed.cancel()
             await response.write(b": following dp events\n\n")
             while not stopping.done() and _connected(request):
                 if following is None:

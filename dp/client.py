@@ -443,6 +443,7 @@ class Promises:
         prefix: str | None = None,
         types: Iterable[EventType] | None = None,
         group: str | None = None,
+        positioned: asyncio.Event | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Follow the events topic: every state change, in order per promise, optionally filtered.
 
@@ -451,13 +452,22 @@ class Promises:
         committed once the loop asks for the next one, so a restarted member resumes after the last
         event it finished (at least once: the event in hand when a member dies comes again).
         `from_beginning` then only decides where a group with no committed position starts.
+
+        The stream takes its place when first iterated; `positioned` is set then (without `group`: every
+        event after that moment is in the stream), for a caller that must say when it is following.
         """
-        stream = self._events(from_beginning, prefix, frozenset(types) if types is not None else None, group)
+        wanted = frozenset(types) if types is not None else None
+        stream = self._events(from_beginning, prefix, wanted, group, positioned)
         self._streams.add(cast(AsyncGeneratorType[Event, None], stream))
         return stream
 
     async def _events(
-        self, from_beginning: bool, prefix: str | None, wanted: frozenset[str] | None, group: str | None
+        self,
+        from_beginning: bool,
+        prefix: str | None,
+        wanted: frozenset[str] | None,
+        group: str | None,
+        positioned: asyncio.Event | None,
     ) -> AsyncGenerator[Event, None]:
         reset = "earliest" if from_beginning else "latest"
         async with self._new_consumer(group=group, auto_offset_reset=reset) as consumer:
@@ -466,6 +476,8 @@ class Promises:
                 await _assign(consumer, tps, from_beginning)
             else:
                 consumer.subscribe([self.topics.events])
+            if positioned is not None:
+                positioned.set()
             finished: dict[TopicPartition, int] = {}
             while True:
                 for tp, records in (await consumer.getmany(timeout_ms=POLL_MS)).items():

@@ -189,3 +189,18 @@ async def test_a_client_is_healthy_while_it_runs(promises: Promises) -> None:
     assert promises.healthy
     await promises.close()
     assert not promises.healthy
+
+
+async def test_an_event_stream_says_when_it_is_in_place_and_misses_nothing_after(promises: Promises) -> None:
+    positioned = asyncio.Event()
+    prefix = unique("placed") + "/"
+    stream = promises.events(prefix=prefix, positioned=positioned)
+    first = asyncio.ensure_future(anext(stream))
+    async with asyncio.timeout(30):
+        await positioned.wait()
+    assert not first.done()
+    (await promises.create(f"{prefix}1", timeout=HOUR)).raise_for_status()
+    async with asyncio.timeout(30):
+        event = await first
+    assert (event.type, event.promise.id) == ("created", f"{prefix}1")
+    await stream.aclose()
