@@ -24,7 +24,7 @@ from consumers.committer import Committer
 from consumers.effects import Route
 from consumers.partition import Partition
 from consumers.reply_topics import ReplyTopics
-from consumers.store import DataDir
+from consumers.store import DataDir, PartitionStore
 from dp import kafka as clients
 from dp.partitioning import partition_for
 from dp.settings import Kafka, Topics
@@ -336,4 +336,13 @@ async def test_a_crash_between_the_kafka_commit_and_the_rocksdb_write_loses_and_
         await client.wait_for(sent, seconds=60)
     restored, resumed = opened_at(restarted.log.read_text(), 0)
     assert restored >= FROZEN_CREATES + 1 and resumed == FROZEN_CREATES
+    assert restarted.stop() == 0
+    # The store the restore rebuilt counts every change once (the search snapshot's version) and indexes
+    # every promise for search: the creates restored from the changelog, the resolve applied after.
+    store = PartitionStore(tmp_path / "data-a" / group / "partition-0")
+    try:
+        assert store.version == FROZEN_CREATES + 1
+        assert sorted(promise_id for _, promise_id in store.newest(None)) == sorted(ids)
+    finally:
+        store.close()
     await verify_creates_once(kafka, topics, sent, ids)
