@@ -18,7 +18,17 @@ import msgspec
 
 from dp.machine import Outcome, expire, reply_for, transition
 from dp.partitioning import partition_for
-from dp.search import PAGE_BYTES, Query, before, compile_pattern, literal_prefix, overlay, partition_page, position
+from dp.search import (
+    PAGE_BYTES,
+    Query,
+    before,
+    compile_pattern,
+    has_tags,
+    literal_prefix,
+    overlay,
+    partition_page,
+    position,
+)
 from dp.settings import Topics
 from dp.wire import (
     Command,
@@ -346,13 +356,13 @@ def unchanged(route: Route, view: BatchView, query: Query, since: Snapshot, now:
         return False
     matches = compile_pattern(query.pattern).fullmatch
     for promise_id in changed:
-        if matches(promise_id) and (not query.tags or selects_tags(query, view.get(promise_id))):
+        if matches(promise_id) and (not query.tags or _tagged(query, view.get(promise_id))):
             return False
     return not any(matches(promise_id) for promise_id in view.store.falling_due(since.at, now))
 
 
-def selects_tags(query: Query, promise: Promise | None) -> bool:
-    return promise is not None and all(promise.tags.get(name) == value for name, value in query.tags.items())
+def _tagged(query: Query, promise: Promise | None) -> bool:
+    return promise is not None and has_tags(query, promise)
 
 
 def reply_partition_of(route: Route, topic: str, partition: int | None, topics: Mapping[str, TopicInfo]) -> int:

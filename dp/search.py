@@ -91,6 +91,10 @@ def selects(query: Query, promise: Promise) -> bool:
     """Whether `promise` (already seen `as_of` the answer's time) is in the query's result, id aside."""
     if query.state is not None and promise.state not in _STATES[query.state]:
         return False
+    return has_tags(query, promise)
+
+
+def has_tags(query: Query, promise: Promise) -> bool:
     return all(promise.tags.get(name) == value for name, value in query.tags.items())
 
 
@@ -98,9 +102,14 @@ def position(promise: Promise) -> Position:
     return Position(promise.created_on, promise.id)
 
 
+def rank(place: Position) -> tuple[int, str]:
+    """A place as a sort key: search order is this, descending."""
+    return (place.created_on, place.id)
+
+
 def before(item: Position, bound: Position | None) -> bool:
     """Whether `item` comes strictly after `bound` in search order (newest first)."""
-    return bound is None or (item.created_on, item.id) < (bound.created_on, bound.id)
+    return bound is None or rank(item) < rank(bound)
 
 
 def order_key(promise: Promise) -> tuple[int, str]:
@@ -161,7 +170,7 @@ def merge(limit: int, pages: Iterable[PartitionPage], max_bytes: int) -> tuple[l
     """
     pages = list(pages)
     stops = [page.next for page in pages if page.next is not None]
-    boundary = max(stops, key=lambda stop: (stop.created_on, stop.id)) if stops else None
+    boundary = max(stops, key=rank) if stops else None
     pool = sorted((p for page in pages for p in page.promises), key=order_key, reverse=True)
     taken: list[Promise] = []
     size = 0
@@ -242,12 +251,12 @@ def overlay(
     matches = compile_pattern(pattern).fullmatch
     extra = sorted(
         ((position(p), p) for p in changed.values() if matches(p.id) and before(position(p), after)),
-        key=lambda pair: (pair[0].created_on, pair[0].id),
+        key=lambda pair: rank(pair[0]),
         reverse=True,
     )
     index = 0
     for place, record in stored:
-        while index < len(extra) and (extra[index][0].created_on, extra[index][0].id) > (place.created_on, place.id):
+        while index < len(extra) and rank(extra[index][0]) > rank(place):
             yield extra[index]
             index += 1
         if place.id not in changed:

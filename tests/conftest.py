@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dp.client import Promises
 from dp.settings import Kafka, Topics
 from dp.topics import create_topics
 from tests.support import (
@@ -91,13 +92,31 @@ def spawn(bootstrap_servers: str, topics: Topics, tmp_path: Path) -> Iterator[Ca
 
 
 @pytest.fixture
-def gateway(
-    bootstrap_servers: str, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path
-) -> Iterator[GatewayProcess]:
+def gateways(bootstrap_servers: str, topics: Topics, tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start `dp gateway` processes (on this test's topics unless told otherwise, with extra environment
+    variables, ready unless `wait=False`); every one is killed at teardown."""
+    started: list[GatewayProcess] = []
+
+    def start(env: dict[str, str] | None = None, *, on: Topics | None = None, wait: bool = True) -> GatewayProcess:
+        process = GatewayProcess(bootstrap_servers, on or topics, tmp_path / f"gateway-{len(started)}.log", env)
+        started.append(process)
+        return process.start(wait=wait)
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+@pytest.fixture
+def gateway(spawn: Callable[..., ServeProcess], gateways: Callable[..., GatewayProcess]) -> GatewayProcess:
     """A processor (through `spawn`) and a `dp gateway` in front of it, ready; both killed at teardown."""
     spawn()
-    process = GatewayProcess(bootstrap_servers, topics, tmp_path / "gateway.log")
-    try:
-        yield process.start()
-    finally:
-        process.kill()
+    return gateways()
+
+
+@pytest.fixture
+async def promises(kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]) -> AsyncIterator[Promises]:
+    """A client of a freshly spawned processor (the first reply comes once it has joined its group)."""
+    spawn()
+    async with Promises(kafka=kafka, topics=topics) as client:
+        yield client

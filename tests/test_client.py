@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,17 +14,9 @@ from dp.client import Promises, Result, deadline_ms
 from dp.errors import BrokerUnreachable, ClientClosed, Refused, ReplyTimeout, TopicsProblem, WaitTimeout
 from dp.settings import Kafka, Topics
 from dp.wire import Event, Promise
-from tests.support import ServeProcess, free_port, unique
+from tests.support import free_port, unique
 
 HOUR = timedelta(hours=1)
-
-
-@pytest.fixture
-async def promises(kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]) -> AsyncIterator[Promises]:
-    """A client of a freshly spawned processor (the first reply comes once it has joined its group)."""
-    spawn()
-    async with Promises(kafka=kafka, topics=topics) as client:
-        yield client
 
 
 def record(result: Result) -> Promise:

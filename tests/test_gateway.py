@@ -12,7 +12,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -86,28 +85,23 @@ def create_body(promise_id: str) -> dict[str, Any]:
 
 
 async def test_tokens_guard_every_route_but_probes_and_metrics(
-    bootstrap_servers: str, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path,
-    session: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+    spawn: Callable[..., ServeProcess], gateways: Callable[..., GatewayProcess], session: aiohttp.ClientSession
+) -> None:
     spawn()
-    gateway = GatewayProcess(bootstrap_servers, topics, tmp_path / "gw.log", env={"DP_GATEWAY_TOKENS": "one, two"})
-    try:
-        gateway.start()
-        body = create_body(unique("auth"))
-        for headers in ({}, {"Authorization": "Bearer three"}, {"Authorization": "Basic b25lOg=="}):
-            async with session.post(f"{gateway.url}/promises", json=body, headers=headers) as refused:
-                assert refused.status == 401
-                assert refused.headers["WWW-Authenticate"].startswith("Bearer")
-                assert (await refused.json())["error"]["code"] == 40100
-        async with session.get(f"{gateway.url}/openapi.json") as document:
-            assert document.status == 401
-        async with session.post(f"{gateway.url}/promises", json=body, headers={"Authorization": "bearer two"}) as ok:
-            assert ok.status == 201, await ok.text()
-        for path in ("/ping", "/healthz", "/readyz", "/metrics"):
-            async with session.get(gateway.url + path) as probe:
-                assert probe.status == 200, path
-    finally:
-        gateway.kill()
+    gateway = gateways({"DP_GATEWAY_TOKENS": "one, two"})
+    body = create_body(unique("auth"))
+    for headers in ({}, {"Authorization": "Bearer three"}, {"Authorization": "Basic b25lOg=="}):
+        async with session.post(f"{gateway.url}/promises", json=body, headers=headers) as refused:
+            assert refused.status == 401
+            assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+            assert (await refused.json())["error"]["code"] == 40100
+    async with session.get(f"{gateway.url}/openapi.json") as document:
+        assert document.status == 401
+    async with session.post(f"{gateway.url}/promises", json=body, headers={"Authorization": "bearer two"}) as ok:
+        assert ok.status == 201, await ok.text()
+    for path in ("/ping", "/healthz", "/readyz", "/metrics"):
+        async with session.get(gateway.url + path) as probe:
+            assert probe.status == 200, path
 
 
 async def test_a_long_poll_answers_when_another_request_completes_the_promise(
@@ -216,61 +210,48 @@ async def test_a_malformed_request_gets_a_json_error_too(deployment: GatewayProc
 
 
 async def test_no_processor_is_a_504_and_missing_topics_make_it_unready(
-    kafka: Kafka, bootstrap_servers: str, tmp_path: Path, session: aiohttp.ClientSession
+    kafka: Kafka, gateways: Callable[..., GatewayProcess], session: aiohttp.ClientSession
 ) -> None:
     topics = Topics(f"t{uuid.uuid4().hex[:10]}")  # not created yet
-    gateway = GatewayProcess(bootstrap_servers, topics, tmp_path / "gw.log", env={"DP_REPLY_TIMEOUT": "1"})
-    try:
-        gateway.start(wait=False)
-        await until(lambda: gateway.answers("/healthz") == 200)
-        assert gateway.answers("/readyz") == 503
-        async with session.post(f"{gateway.url}/promises", json=create_body("x")) as early:
-            assert early.status == 503 and (await early.json())["error"]["code"] == 50300
-        await create_topics(kafka, topics, TEST_PARTITIONS)
-        await until(gateway.ready, seconds=30)  # it retries until the topics exist
-        async with session.post(f"{gateway.url}/promises", json=create_body("x")) as unanswered:
-            assert unanswered.status == 504
-            assert (await unanswered.json())["error"]["code"] == 50400
-    finally:
-        gateway.kill()
+    gateway = gateways({"DP_REPLY_TIMEOUT": "1"}, on=topics, wait=False)
+    await until(lambda: gateway.answers("/healthz") == 200)
+    assert gateway.answers("/readyz") == 503
+    async with session.post(f"{gateway.url}/promises", json=create_body("x")) as early:
+        assert early.status == 503 and (await early.json())["error"]["code"] == 50300
+    await create_topics(kafka, topics, TEST_PARTITIONS)
+    await until(gateway.ready, seconds=30)  # it retries until the topics exist
+    async with session.post(f"{gateway.url}/promises", json=create_body("x")) as unanswered:
+        assert unanswered.status == 504
+        assert (await unanswered.json())["error"]["code"] == 50400
 
 
 async def test_long_polls_and_event_streams_beyond_the_limit_get_503(
-    bootstrap_servers: str, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path,
-    session: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+    spawn: Callable[..., ServeProcess], gateways: Callable[..., GatewayProcess], session: aiohttp.ClientSession
+) -> None:
     spawn()
-    gateway = GatewayProcess(bootstrap_servers, topics, tmp_path / "gw.log", env={"DP_MAX_FOLLOWERS": "1"})
+    gateway = gateways({"DP_MAX_FOLLOWERS": "1"})
     promise_id = unique("few")
-    try:
-        gateway.start()
-        async with session.post(f"{gateway.url}/promises", json=create_body(promise_id)) as created:
-            assert created.status == 201
-        async with session.get(f"{gateway.url}/events") as stream:
-            assert (await stream.content.readline()).startswith(b":")  # the one stream allowed is open
-            for path in (f"/promises/{promise_id}?wait=1s", "/events"):
-                async with session.get(gateway.url + path) as refused:
-                    assert refused.status == 503, path
-                    assert "--max-followers" in (await refused.json())["error"]["message"]
-            async with session.get(f"{gateway.url}/promises/{promise_id}") as plain:  # a read holds no consumer
-                assert plain.status == 200
-        await until(lambda: gateway.answers(f"/promises/{promise_id}?wait=10ms") == 200)  # the stream's slot is free
-    finally:
-        gateway.kill()
+    async with session.post(f"{gateway.url}/promises", json=create_body(promise_id)) as created:
+        assert created.status == 201
+    async with session.get(f"{gateway.url}/events") as stream:
+        assert (await stream.content.readline()).startswith(b":")  # the one stream allowed is open
+        for path in (f"/promises/{promise_id}?wait=1s", "/events"):
+            async with session.get(gateway.url + path) as refused:
+                assert refused.status == 503, path
+                assert "--max-followers" in (await refused.json())["error"]["message"]
+        async with session.get(f"{gateway.url}/promises/{promise_id}") as plain:  # a read holds no consumer
+            assert plain.status == 200
+    await until(lambda: gateway.answers(f"/promises/{promise_id}?wait=10ms") == 200)  # the stream's slot is free
 
 
-async def test_sigterm_while_connecting_exits_0(bootstrap_servers: str, tmp_path: Path) -> None:
+async def test_sigterm_while_connecting_exits_0(gateways: Callable[..., GatewayProcess]) -> None:
     topics = Topics(f"t{uuid.uuid4().hex[:10]}")  # never created: the gateway keeps retrying
-    gateway = GatewayProcess(bootstrap_servers, topics, tmp_path / "gw.log")
-    try:
-        gateway.start(wait=False)
-        await until(lambda: gateway.answers("/readyz") == 503)
-        await until(lambda: "not connected to Kafka yet" in gateway.log.read_text(), seconds=30)  # retrying
-        started = time.monotonic()
-        assert await asyncio.to_thread(gateway.stop) == 0
-        assert time.monotonic() - started < 10
-    finally:
-        gateway.kill()
+    gateway = gateways(on=topics, wait=False)
+    await until(lambda: gateway.answers("/readyz") == 503)
+    await until(lambda: "not connected to Kafka yet" in gateway.log.read_text(), seconds=30)  # retrying
+    started = time.monotonic()
+    assert await asyncio.to_thread(gateway.stop) == 0
+    assert time.monotonic() - started < 10
 
 
 async def until(condition: Callable[[], bool], seconds: float = 10) -> None:

@@ -18,13 +18,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from dp.settings import Topics
 from tests.lincheck import TARGETS, Kind, Operation, check
 from tests.support import GatewayProcess, ServeProcess, now_ms
 
@@ -193,30 +191,26 @@ def lost_writes(history: list[Operation], reads: list[Operation]) -> list[str]:
 
 @pytest.mark.slow
 async def test_a_history_across_a_processor_crash_is_linearizable_and_keeps_every_acknowledged_write(
-    bootstrap_servers: str, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path
+    spawn: Callable[..., ServeProcess], gateways: Callable[..., GatewayProcess]
 ) -> None:
     """kill -9 of the processor early in the run (while many promises are pending), then a new one on the
     same topics and group with a fresh data dir (it restores from the changelog): requests in between get
     504 within the gateway's reply timeout and are unanswered; their commands may still be applied later."""
     clients, per_client = 10, 300
     victim = spawn("a")
-    gateway = GatewayProcess(bootstrap_servers, topics, tmp_path / "gateway.log", env={"DP_REPLY_TIMEOUT": "5"})
+    gateway = gateways({"DP_REPLY_TIMEOUT": "5"})
     work = Workload(milestone=clients * per_client // 20)
-    try:
-        gateway.start()
 
-        async def crash() -> None:
-            await work.reached.wait()
-            victim.kill()
-            await asyncio.sleep(2)
-            spawn("b")
+    async def crash() -> None:
+        await work.reached.wait()
+        victim.kill()
+        await asyncio.sleep(2)
+        spawn("b")
 
-        await asyncio.gather(
-            run_clients(gateway.url, work, clients, per_client, patience=15, seed=random.randrange(1 << 30)), crash()
-        )
-        reads = await final_reads(gateway.url, work, client=clients)
-    finally:
-        gateway.kill()
+    await asyncio.gather(
+        run_clients(gateway.url, work, clients, per_client, patience=15, seed=random.randrange(1 << 30)), crash()
+    )
+    reads = await final_reads(gateway.url, work, client=clients)
     unanswered = [op for op in work.history if op.ret is None]
     assert unanswered, "no request went unanswered: the processor was not down during the run"
     assert all(op.ret is not None for op in reads), "the final reads went unanswered"

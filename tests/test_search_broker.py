@@ -4,7 +4,7 @@ byte-bounded pages, the double collect under concurrent writes, and a store rebu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -18,13 +18,6 @@ from dp.settings import Kafka, Topics
 from tests.support import TEST_PARTITIONS, ServeProcess, unique
 
 HOUR = timedelta(hours=1)
-
-
-@pytest.fixture
-async def promises(kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]) -> AsyncIterator[Promises]:
-    spawn()
-    async with Promises(kafka=kafka, topics=topics) as client:
-        yield client
 
 
 async def everything(promises: Promises, query: Query) -> list[list[str]]:
