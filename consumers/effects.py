@@ -30,15 +30,24 @@ from dp.search import (
     position,
 )
 from dp.settings import Topics
+from dp.subscriptions import Subscribed, Subscribers, complete, stored_value, subscribe
 from dp.wire import (
+    NOTIFICATION_KIND,
+    OK_STATUSES,
     Command,
+    Get,
     InvalidCommand,
     Limits,
+    Notification,
     Position,
     Promise,
     Reply,
     Search,
     Snapshot,
+    Subscribe,
+    Subscription,
+    TopicTarget,
+    WebhookTarget,
     decode_command,
     encode,
     reply_address,
@@ -101,6 +110,9 @@ class StoreView(Protocol):
 
     def get(self, promise_id: str) -> Promise | None: ...
 
+    def subscribers(self, promise_id: str) -> Subscribers:
+        """The subscriptions kept in a promise's stored record (`NONE` when it has none or is missing)."""
+
     def newest(self, after: Position | None) -> Iterable[tuple[Position, str]]:
         """Every promise's place (and id) in search order, newest first, strictly after `after`."""
 
@@ -120,6 +132,7 @@ class BatchView:
         self.store = store
         self.changes: dict[str, Promise] = {}
         self.changed: list[str] = []
+        self.subscribed: dict[str, Subscribers] = {}
 
     @property
     def version(self) -> int:
@@ -132,6 +145,14 @@ class BatchView:
     def put(self, promise: Promise) -> None:
         self.changes[promise.id] = promise
         self.changed.append(promise.id)
+
+    def subscribers(self, promise_id: str) -> Subscribers:
+        changed = self.subscribed.get(promise_id)
+        return changed if changed is not None else self.store.subscribers(promise_id)
+
+    def put_subscribers(self, promise_id: str, subscribers: Subscribers) -> None:
+        """Subscriptions are not promise changes: they are persisted with the record, the version stays."""
+        self.subscribed[promise_id] = subscribers
 
     def changed_since(self, version: int) -> Sequence[str] | None:
         base = self.store.version
@@ -160,7 +181,8 @@ class BatchView:
 @dataclass
 class Effects:
     """Everything a batch publishes (in order) and the records it changed (latest version per id, and
-    every change's id in order: the partition's version grows by `len(changed)`)."""
+    every change's id in order: the partition's version grows by `len(changed)`); `persist` has each
+    changed stored record (a promise or its subscriptions changed) with its encoding."""
 
     messages: list[Outgoing] = field(default_factory=list)
     changes: dict[str, Promise] = field(default_factory=dict)
@@ -203,7 +225,7 @@ def apply_batch(
     for promise in due:
         timed_out = expire(promise, now)
         if timed_out is not None:
-            record_changes(route, effects, view, timed_out)
+            record_changes(route, effects, view, timed_out, reply_topics)
     for record in records:
         if refusals and record.offset in refusals:
             reason = refusals[record.offset]
@@ -211,10 +233,22 @@ def apply_batch(
                 refuse(route, effects, record, reason, reply_topics, answer_on_default=True)
             continue
         outcome: Outcome | None = None
+        subscribed: Subscribed | None = None
         try:
             command = accept(route, record, reply_topics)
             if type(command) is Search:
                 answer = search(route, view, command, now, reply_topics, transaction)
+            elif type(command) is Subscribe:
+                subscribed = judge_subscribe(route, effects, view, command, now, reply_topics)
+                answer = Reply(
+                    command.request_id,
+                    "subscribe",
+                    command.id,
+                    subscribed.status in OK_STATUSES,
+                    subscribed.status,
+                    view.get(command.id),
+                    subscription=subscribed.waiting,
+                )
             else:
                 outcome = transition(view.get(command.id), command, now)
                 answer = reply_for(command, outcome)
@@ -231,11 +265,15 @@ def apply_batch(
             refuse(route, effects, record, f"internal error ({type(error).__name__}): not applied", reply_topics)
             continue
         if outcome is not None:
-            record_changes(route, effects, view, outcome)
+            record_changes(route, effects, view, outcome, reply_topics)
+        if subscribed is not None:
+            record_subscription(route, effects, view, command.id, subscribed, reply_topics)
         effects.messages.append(reply)
-    for promise_id, promise in effects.changes.items():
-        value = encode(promise)
-        effects.persist.append((promise, value))
+    for promise_id in (*effects.changes, *(name for name in view.subscribed if name not in effects.changes)):
+        stored = view.get(promise_id)
+        assert stored is not None, "only existing promises have subscriptions"
+        value = stored_value(stored, view.subscribers(promise_id))
+        effects.persist.append((stored, value))
         effects.messages.append(Outgoing(route.topics.changelog, route.partition, promise_id.encode(), value))
     return effects
 
@@ -245,6 +283,8 @@ def accept(route: Route, record: Incoming, reply_topics: Mapping[str, TopicInfo]
     if record.value is None:
         raise InvalidCommand("record has no value (a tombstone is not a command)")
     command = decode_command(record.value, route.limits)
+    if type(command) is Subscribe:
+        check_target(route, command.target, reply_topics)
     if type(command) is Search:
         if record.key is not None:
             raise InvalidCommand("a search is sent to each partition with no key (its `id` is a pattern)")
@@ -273,24 +313,46 @@ def check_reply_address(
     changelog would corrupt every restore, one in the commands topic would be applied), an internal or a
     compacted topic, nor outside the configured reply prefixes."""
     topic = reply_to or route.topics.replies
-    if topic in (route.topics.commands, route.topics.events, route.topics.changelog, route.topics.dlq):
+    check_destination(route, topic, reply_partition, reply_topics, ("`replyTo`", "`replyPartition`"))
+
+
+def check_target(route: Route, target: TopicTarget | WebhookTarget, reply_topics: Mapping[str, TopicInfo]) -> None:
+    """A subscription's topic is checked like a `replyTo`; a webhook needs the notifications topic."""
+    if type(target) is TopicTarget:
+        check_destination(route, target.topic, target.partition, reply_topics, ("`target.topic`", "`target.partition`"))
+    elif route.topics.notifications not in reply_topics:
         raise InvalidCommand(
-            f"`replyTo`: {topic!r} is one of this deployment's own topics; name a reply topic of yours, "
+            f"`target`: webhooks need the {route.topics.notifications!r} topic, which does not exist; "
+            "run `dp topics create`"
+        )
+
+
+def check_destination(
+    route: Route,
+    topic: str,
+    partition: int | None,
+    reply_topics: Mapping[str, TopicInfo],
+    fields: tuple[str, str],
+) -> None:
+    name, partition_field = fields
+    if topic in route.topics.own:
+        raise InvalidCommand(
+            f"{name}: {topic!r} is one of this deployment's own topics; name a topic of yours, "
             f"or leave `replyTo` out for {route.topics.replies!r}"
         )
     if topic.startswith("__"):
-        raise InvalidCommand(f"`replyTo`: {topic!r} is an internal Kafka topic")
+        raise InvalidCommand(f"{name}: {topic!r} is an internal Kafka topic")
     if topic != route.topics.replies and route.reply_prefixes and not topic.startswith(route.reply_prefixes):
-        raise InvalidCommand(f"`replyTo`: must start with one of {', '.join(map(repr, route.reply_prefixes))}")
+        raise InvalidCommand(f"{name}: must start with one of {', '.join(map(repr, route.reply_prefixes))}")
     info = reply_topics.get(topic)
     if info is None or info.partitions == 0:
-        raise InvalidCommand(f"`replyTo`: topic {topic!r} does not exist")
+        raise InvalidCommand(f"{name}: topic {topic!r} does not exist")
     if info.internal:
-        raise InvalidCommand(f"`replyTo`: {topic!r} is an internal Kafka topic")
+        raise InvalidCommand(f"{name}: {topic!r} is an internal Kafka topic")
     if info.compacted:
-        raise InvalidCommand(f"`replyTo`: {topic!r} is compacted; replies need a topic with cleanup.policy=delete")
-    if reply_partition is not None and reply_partition >= info.partitions:
-        raise InvalidCommand(f"`replyPartition`: {topic!r} has {info.partitions} partitions, got {reply_partition}")
+        raise InvalidCommand(f"{name}: {topic!r} is compacted; dp writes only to topics with cleanup.policy=delete")
+    if partition is not None and partition >= info.partitions:
+        raise InvalidCommand(f"{partition_field}: {topic!r} has {info.partitions} partitions, got {partition}")
 
 
 def check_fits(message: Outgoing, topics: Mapping[str, TopicInfo]) -> None:
@@ -303,13 +365,94 @@ def check_fits(message: Outgoing, topics: Mapping[str, TopicInfo]) -> None:
         )
 
 
-def record_changes(route: Route, effects: Effects, view: BatchView, outcome: Outcome) -> None:
-    if not outcome.events or outcome.promise is None:
+def record_changes(
+    route: Route, effects: Effects, view: BatchView, outcome: Outcome, reply_topics: Mapping[str, TopicInfo]
+) -> None:
+    """Persist a changed promise and emit its events; a completion notifies every waiting subscription."""
+    promise = outcome.promise
+    if not outcome.events or promise is None:
         return
-    view.put(outcome.promise)
+    view.put(promise)
     effects.messages.extend(
         Outgoing(route.topics.events, route.partition, event.promise.id.encode(), encode(event))
         for event in outcome.events
+    )
+    if promise.state != "PENDING":
+        subscribers = view.subscribers(promise.id)
+        if subscribers.subscriptions:
+            notified, after = complete(subscribers)
+            view.put_subscribers(promise.id, after)
+            effects.messages.extend(
+                notification(route, subscription, promise, reply_topics) for subscription in notified
+            )
+
+
+def judge_subscribe(
+    route: Route, effects: Effects, view: BatchView, command: Subscribe, now: int, reply_topics: Mapping[str, TopicInfo]
+) -> Subscribed:
+    """A subscribe sees the promise as a get would: time applies first (a due promise times out, and its
+    waiting subscriptions are notified), then the subscription is judged against that record."""
+    lazy = transition(view.get(command.id), Get(command.id, request_id=command.request_id), now)
+    record_changes(route, effects, view, lazy, reply_topics)
+    return subscribe(lazy.promise, view.subscribers(command.id), command, now, route.limits.max_subscriptions)
+
+
+def record_subscription(
+    route: Route,
+    effects: Effects,
+    view: BatchView,
+    promise_id: str,
+    subscribed: Subscribed,
+    reply_topics: Mapping[str, TopicInfo],
+) -> None:
+    if subscribed.after is view.subscribers(promise_id):
+        return
+    view.put_subscribers(promise_id, subscribed.after)
+    promise = view.get(promise_id)
+    if subscribed.notify is not None and promise is not None:
+        effects.messages.append(notification(route, subscribed.notify, promise, reply_topics))
+
+
+def notification(
+    route: Route, subscription: Subscription, promise: Promise, reply_topics: Mapping[str, TopicInfo]
+) -> Outgoing:
+    """The record that tells one subscription of the completion; a target that has become unwritable
+    (its topic deleted, or too small for the record) gets it in the DLQ instead, with the reason."""
+    target = subscription.target
+    webhook: WebhookTarget | None = None
+    if isinstance(target, TopicTarget):
+        topic, partition = target.topic, target.partition
+        key = (promise.id if target.key is None else target.key).encode()
+    else:
+        topic, partition, webhook, key = route.topics.notifications, None, target, promise.id.encode()
+    value = encode(Notification("notify", subscription.id, promise, webhook))
+    headers: Headers = [(KIND_HEADER, NOTIFICATION_KIND), (SUBSCRIPTION_HEADER, subscription.id.encode())]
+    info = reply_topics.get(topic)
+    if info is None or info.partitions == 0 or (partition is not None and partition >= info.partitions):
+        return undeliverable(route, key, value, headers, f"notification target topic {topic!r} is gone", reply_topics)
+    message = Outgoing(
+        topic, partition_for(key, info.partitions) if partition is None else partition, key, value, headers
+    )
+    if record_bytes(message) > info.max_message_bytes:
+        problem = f"the notification is larger than {topic!r} accepts (max.message.bytes {info.max_message_bytes})"
+        return undeliverable(route, key, value, headers, problem, reply_topics)
+    return message
+
+
+KIND_HEADER: Final = "dp.kind"
+SUBSCRIPTION_HEADER: Final = "dp.subscription"
+
+
+def undeliverable(
+    route: Route, key: bytes, value: bytes, headers: Headers, problem: str, reply_topics: Mapping[str, TopicInfo]
+) -> Outgoing:
+    """A notification that cannot go where it was meant to, kept in the DLQ with the reason."""
+    dlq = reply_topics[route.topics.dlq]
+    return fitted(
+        Outgoing(
+            route.topics.dlq, partition_for(key, dlq.partitions), key, value, [("dp.error", problem.encode()), *headers]
+        ),
+        dlq,
     )
 
 
@@ -406,8 +549,7 @@ def refuse(
 
 
 def dead_letter(route: Route, record: Incoming, problem: str, dlq: TopicInfo) -> Outgoing:
-    """The record as it came, with headers saying why and from where; truncated (and marked so) when the
-    original would not fit the DLQ, so that the copy is never what fails the batch."""
+    """The record as it came, with headers saying why and from where (cut to fit, see `fitted`)."""
     raw = record.value or b""
     headers: Headers = [
         ("dp.error", problem.encode()),
@@ -416,11 +558,17 @@ def dead_letter(route: Route, record: Incoming, problem: str, dlq: TopicInfo) ->
         ("dp.offset", str(record.offset).encode()),
     ]
     partition = partition_for(record.key, dlq.partitions) if record.key else 0
-    letter = Outgoing(route.topics.dlq, partition, record.key, raw, headers)
+    return fitted(Outgoing(route.topics.dlq, partition, record.key, raw, headers), dlq)
+
+
+def fitted(letter: Outgoing, dlq: TopicInfo) -> Outgoing:
+    """The letter, or, when it would not fit the DLQ, its value cut to fit (and a header saying so), so
+    that the copy is never what fails the batch."""
     excess = record_bytes(letter) - dlq.max_message_bytes
     if excess <= 0:
         return letter
+    raw, headers = letter.value, [*(letter.headers or [])]
     headers.append(("dp.truncated", f"{len(raw)} bytes, cut to fit the DLQ's max.message.bytes".encode()))
-    key = record.key if record.key is None or len(record.key) < dlq.max_message_bytes // 2 else record.key[:256]
-    room = max(0, dlq.max_message_bytes - record_bytes(Outgoing(letter.topic, partition, key, b"", headers)))
-    return Outgoing(letter.topic, partition, key, raw[:room], headers)
+    key = letter.key if letter.key is None or len(letter.key) < dlq.max_message_bytes // 2 else letter.key[:256]
+    room = max(0, dlq.max_message_bytes - record_bytes(Outgoing(letter.topic, letter.partition, key, b"", headers)))
+    return Outgoing(letter.topic, letter.partition, key, raw[:room], headers)

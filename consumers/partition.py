@@ -28,6 +28,7 @@ from consumers.reply_topics import ReplyTopics
 from consumers.restore import StoreAhead, restore
 from consumers.store import PROGRESS_KEY, DataDir, PartitionStore, progress_record
 from dp.settings import Kafka
+from dp.subscriptions import Subscribers
 from dp.wire import Position, Promise
 
 log = logging.getLogger("dp.processor")
@@ -224,6 +225,10 @@ class Partition:
     def get(self, promise_id: str) -> Promise | None:
         assert self.store is not None, "partition is not open"
         return self.store.get(promise_id)
+
+    def subscribers(self, promise_id: str) -> Subscribers:
+        assert self.store is not None, "partition is not open"
+        return self.store.subscribers(promise_id)
 
     def newest(self, after: Position | None) -> Iterator[tuple[Position, str]]:
         assert self.store is not None, "partition is not open"

@@ -4,7 +4,8 @@ Key layout (raw bytes, one database per partition, written only by that partitio
 kind of key is registered in `KEY_KINDS` with its one-byte (or `o:`) prefix; a once assigned prefix
 never changes meaning, and the prefixes are prefix-free (tested):
 
-    b"p" + id                         -> promise record (the changelog value, JSON)
+    b"p" + id                         -> stored record (the changelog value, JSON: the promise record
+                                         and its subscriptions, `dp.subscriptions`)
     b"t" + timeout (8 bytes BE) + id  -> b""   for every PENDING promise: deadlines in order
     b"c" + createdOn (8 bytes BE) + id -> b""  for every promise: search order (read backwards)
     b"o:changelog"                    -> next changelog offset the store reflects (8 bytes BE)
@@ -44,6 +45,7 @@ import msgspec
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from dp.errors import DataDirInUse
+from dp.subscriptions import NONE, Subscribers, decode_subscribers
 from dp.wire import Position, Promise, decode_promise, encode
 
 RECORD = b"p"
@@ -155,6 +157,10 @@ class PartitionStore:
     def get(self, promise_id: str) -> Promise | None:
         raw = self._db.get(record_key(promise_id))
         return None if raw is None else decode_promise(raw)
+
+    def subscribers(self, promise_id: str) -> Subscribers:
+        raw = self._db.get(record_key(promise_id))
+        return NONE if raw is None else decode_subscribers(raw)
 
     @property
     def changelog_offset(self) -> int:

@@ -11,23 +11,23 @@ from pathlib import Path
 
 import msgspec
 
-from dp.wire import Command, Event, Promise, Reply
+from dp.wire import Command, Event, Notification, Promise, Reply
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "wire.schema.json"
 
 
 def generate() -> str:
     """The schema document: one `$defs` entry per wire type, `Command` being the union tagged by `op`."""
-    (command, reply, event, promise), defs = msgspec.json.schema_components(
-        (Command, Reply, Event, Promise), ref_template="#/$defs/{name}"
+    (command, reply, event, promise, notification), defs = msgspec.json.schema_components(
+        (Command, Reply, Event, Promise, Notification), ref_template="#/$defs/{name}"
     )
     document = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "dp wire contract v1",
-        "description": "Commands (dp.commands), replies, events (dp.events) and promise records "
-        "(dp.changelog). Unknown fields are ignored. See docs/wire.md.",
+        "description": "Commands (dp.commands), replies, events (dp.events), promise records "
+        "(dp.changelog) and notifications. Unknown fields are ignored. See docs/wire.md.",
         "$defs": {"Command": command, **defs},
-        "anyOf": [{"$ref": "#/$defs/Command"}, reply, event, promise],
+        "anyOf": [{"$ref": "#/$defs/Command"}, reply, event, promise, notification],
     }
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 

@@ -141,9 +141,9 @@ class Kafka(Settings):
 
 @dataclass(frozen=True)
 class Topics(Settings):
-    """The five topics of a deployment (WIRE.md), named `<prefix>.commands` and so on."""
+    """The six topics of a deployment (WIRE.md), named `<prefix>.commands` and so on."""
 
-    prefix: str = setting("dp", "prefix of the five topics", name="topic_prefix")
+    prefix: str = setting("dp", "prefix of the six topics", name="topic_prefix")
 
     @property
     def commands(self) -> str:
@@ -164,6 +164,16 @@ class Topics(Settings):
     @property
     def dlq(self) -> str:
         return f"{self.prefix}.dlq"
+
+    @property
+    def notifications(self) -> str:
+        """Where notifications for webhook subscriptions wait for `dp webhooks` to post them."""
+        return f"{self.prefix}.notifications"
+
+    @property
+    def own(self) -> tuple[str, ...]:
+        """The topics only dp writes: no reply or notification may go there."""
+        return (self.commands, self.events, self.changelog, self.dlq, self.notifications)
 
 
 @dataclass(frozen=True)

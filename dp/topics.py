@@ -36,7 +36,7 @@ def partitioned(topics: Topics) -> tuple[str, str, str]:
 
 
 def all_topics(topics: Topics) -> tuple[str, ...]:
-    return (*partitioned(topics), topics.replies, topics.dlq)
+    return (*partitioned(topics), topics.replies, topics.dlq, topics.notifications)
 
 
 def config_of(topics: Topics, name: str) -> dict[str, str]:

@@ -10,7 +10,9 @@ decoding itself.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal, final, get_args
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -122,6 +124,33 @@ class Get(_Command, frozen=True, tag="get"):
     """Read a promise (through the log, so the answer is linearizable)."""
 
 
+class TopicTarget(msgspec.Struct, frozen=True, gc=False, tag="kafka", tag_field="type"):
+    """Notify by a record on a Kafka topic: to `partition` if given, else by `key` (default: the promise
+    id) with Kafka's default partitioner. Checked like `replyTo`: never one of the deployment's topics."""
+
+    topic: str
+    partition: Partition | None = None
+    key: str | None = None
+
+
+class WebhookTarget(msgspec.Struct, frozen=True, gc=False, tag="webhook", tag_field="type"):
+    """Notify by an HTTP POST to `url` (with `headers`), made by `dp webhooks` from the notifications topic."""
+
+    url: str
+    headers: dict[str, str] = {}
+
+
+Target = TopicTarget | WebhookTarget
+
+
+class Subscription(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """A wish to hear of a promise's completion: one notification to `target`, once."""
+
+    id: str
+    target: Target
+    created_on: int
+
+
 class Position(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     """A place in search order (newest first: by `createdOn` descending, then `id` descending)."""
 
@@ -152,9 +181,18 @@ class Search(_Command, frozen=True, tag="search", kw_only=True):
     since: Snapshot | None = None
 
 
+@final
+class Subscribe(_Command, frozen=True, tag="subscribe", kw_only=True):
+    """Be notified at `target` when the promise completes (at once if it is completed): one notification
+    per `subscription` id, however often the same id subscribes."""
+
+    subscription: PromiseId
+    target: Target
+
+
 PromiseCommand = Create | Resolve | Reject | Cancel | Get
-"""A command on one promise: keyed by its id, applied by `dp.machine.transition`."""
-Command = PromiseCommand | Search
+"""A command of the specification on one promise: keyed by its id, applied by `dp.machine.transition`."""
+Command = PromiseCommand | Subscribe | Search
 _OP_NAMES: Final[dict[type[Command], str]] = {kind: str(kind.__struct_config__.tag) for kind in get_args(Command)}
 OPS: Final[tuple[str, ...]] = tuple(_OP_NAMES.values())
 
@@ -175,6 +213,22 @@ class Reply(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     """A search's resume point when the partition has more matches than the page holds."""
     snapshot: Snapshot | None = None
     """What a search answer reflected; sent back as `since` to confirm nothing changed."""
+    subscription: Subscription | None = None
+    """A subscribe's subscription while it waits for the completion (null once notified)."""
+
+
+class Notification(msgspec.Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
+    """A completed promise, sent once per subscription to its target (with the `dp.kind: notification`
+    header); `webhook` says where `dp webhooks` posts it, and is left out of what it posts."""
+
+    type: Literal["notify"]
+    subscription: str
+    promise: Promise
+    webhook: WebhookTarget | None = None
+
+
+NOTIFICATION_KIND: Final = b"notification"
+"""The `dp.kind` header value of a notification record (a reply topic may carry both)."""
 
 
 class Event(msgspec.Struct, frozen=True, gc=False, rename="camel"):
@@ -191,6 +245,10 @@ class Limits(msgspec.Struct, frozen=True):
     max_id_bytes: int = 256
     max_record_bytes: int = 1024 * 1024
     max_data_bytes: int = 512 * 1024
+    max_subscriptions: int = 100
+    """Subscriptions one promise holds, waiting or notified: each is kept in its record."""
+    max_url_bytes: int = 2048
+    max_webhook_header_bytes: int = 4096
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -214,6 +272,7 @@ _COMMANDS: Final[msgspec.json.Decoder[Command]] = msgspec.json.Decoder(Command)
 _PROMISES: Final = msgspec.json.Decoder(Promise)
 _REPLIES: Final = msgspec.json.Decoder(Reply)
 _EVENTS: Final = msgspec.json.Decoder(Event)
+_NOTIFICATIONS: Final = msgspec.json.Decoder(Notification)
 _ENVELOPES: Final = msgspec.json.Decoder(_Envelope)
 _MALFORMED: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
@@ -221,6 +280,7 @@ encode: Final = _ENCODER.encode
 decode_promise: Final = _PROMISES.decode
 decode_reply: Final = _REPLIES.decode
 decode_event: Final = _EVENTS.decode
+decode_notification: Final = _NOTIFICATIONS.decode
 
 
 def op_name(command: Command) -> str:
@@ -270,6 +330,41 @@ def _check_sizes(command: Command, limits: Limits) -> None:
         _check_data("param", command.param, limits)
     elif isinstance(command, Completion):
         _check_data("value", command.value, limits)
+    elif type(command) is Subscribe:
+        _check_target(command, limits)
+
+
+_LINE_BREAK: Final = re.compile(r"[\r\n\0]")
+
+
+def _check_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as error:
+        raise InvalidCommand(f"`target.url`: not a URL ({error})") from None
+    if parts.scheme not in ("http", "https") or not host or _LINE_BREAK.search(url) or " " in url:
+        raise InvalidCommand(f"`target.url`: must be an http:// or https:// URL with a host, got {url[:200]!r}")
+
+
+def _check_target(command: Subscribe, limits: Limits) -> None:
+    sizes = {"`subscription`": len(command.subscription.encode())}
+    target = command.target
+    if type(target) is TopicTarget and target.key is not None:
+        sizes["`target.key`"] = len(target.key.encode())
+    for field, size in sizes.items():
+        if size > limits.max_id_bytes:
+            raise InvalidCommand(f"{field}: must be at most {limits.max_id_bytes} UTF-8 bytes, got {size}")
+    if type(target) is WebhookTarget:
+        if len(target.url.encode()) > limits.max_url_bytes:
+            raise InvalidCommand(f"`target.url`: must be at most {limits.max_url_bytes} bytes")
+        _check_url(target.url)
+        if any(_LINE_BREAK.search(text) for header in target.headers.items() for text in header):
+            raise InvalidCommand("`target.headers`: a header name or value holds a line break or NUL")
+        header_bytes = sum(len(name.encode()) + len(value.encode()) for name, value in target.headers.items())
+        if header_bytes > limits.max_webhook_header_bytes:
+            raise InvalidCommand(f"`target.headers`: must be at most {limits.max_webhook_header_bytes} bytes together")
 
 
 def _check_data(field: str, value: Value, limits: Limits) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from dp.search import before, position
+from dp.subscriptions import NONE, Subscribers, decode_subscribers
 from dp.wire import Position, Promise
 
 
@@ -14,6 +15,7 @@ class MemoryStore:
     """Committed records by id, the change version and the ids changed after `known_since`, in order."""
 
     records: dict[str, Promise] = field(default_factory=dict)
+    subscribed: dict[str, Subscribers] = field(default_factory=dict)
     version: int = 0
     history: list[str] = field(default_factory=list)
     known_since: int = 0
@@ -23,6 +25,9 @@ class MemoryStore:
         if self.broken is not None:
             self.broken(promise_id)
         return self.records.get(promise_id)
+
+    def subscribers(self, promise_id: str) -> Subscribers:
+        return self.subscribed.get(promise_id, NONE)
 
     def newest(self, after: Position | None) -> Iterator[tuple[Position, str]]:
         places = sorted((position(p) for p in self.records.values()), key=lambda p: (p.created_on, p.id), reverse=True)
@@ -35,6 +40,11 @@ class MemoryStore:
 
     def falling_due(self, start: int, end: int) -> Iterator[str]:
         return (p.id for p in self.records.values() if p.state == "PENDING" and start < p.timeout <= end)
+
+    def persist(self, persisted: list[tuple[Promise, bytes]], changed: list[str]) -> None:
+        """What persisting a step does to stored records: promises and their subscriptions."""
+        self.commit({promise.id: promise for promise, _ in persisted}, changed)
+        self.subscribed.update((promise.id, decode_subscribers(value)) for promise, value in persisted)
 
     def commit(self, changes: dict[str, Promise], changed: list[str]) -> None:
         """What persisting a step does: the records, the version, the recent changes."""

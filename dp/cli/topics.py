@@ -1,4 +1,4 @@
-"""`dp topics create`: the deployment's five topics, created idempotently."""
+"""`dp topics create`: the deployment's six topics, created idempotently."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
     actions = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
     create = actions.add_parser(
         "create",
-        help="create the five topics (idempotent)",
+        help="create the six topics (idempotent)",
         description="Create dp.commands, dp.events, dp.changelog (compacted), dp.replies and dp.dlq. "
         "Safe to run again; refuses when existing partition counts disagree.",
     )
@@ -29,7 +29,7 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
     check = actions.add_parser(
         "check",
         help="check that the topics exist and are configured as the processor needs",
-        description="Check the five topics: they exist, commands, events and changelog share one partition "
+        description="Check the six topics: they exist, commands, events and changelog share one partition "
         "count, every topic stamps records with the broker's time (LogAppendTime), the output topics take "
         "the largest record dp writes, and the changelog is compacted. `dp serve` checks the same at start. "
         "Exit 0 when all holds, else 2 with one sentence saying what to fix.",

@@ -108,7 +108,19 @@ def test_a_completed_promise_round_trips() -> None:
 def test_a_reply_round_trips_and_carries_every_field() -> None:
     reply = Reply("req-1", "create", "order/42", True, "created", PROMISE, None)
     assert decode_reply(encode(reply)) == reply
-    fields = {"requestId", "op", "id", "ok", "status", "promise", "error", "promises", "next", "snapshot"}
+    fields = {
+        "requestId",
+        "op",
+        "id",
+        "ok",
+        "status",
+        "promise",
+        "error",
+        "promises",
+        "next",
+        "snapshot",
+        "subscription",
+    }
     assert set(json.loads(encode(reply))) == fields
     invalid = Reply(None, None, None, False, "invalid", None, "`op`: required")
     assert decode_reply(encode(invalid)) == invalid
@@ -179,12 +191,15 @@ ONE_MIB = 1024 * 1024
         (b"[1, 2]", "not a JSON object: got an array"),
         (b'"create"', "not a JSON object: got a string"),
         (b"null", "not a JSON object: got null"),
-        (b'{"id":"x"}', "`op`: required, one of create, resolve, reject, cancel, get, search"),
+        (b'{"id":"x"}', "`op`: required, one of create, resolve, reject, cancel, get, subscribe, search"),
         (
             b'{"op":"frobnicate","id":"x"}',
-            "`op`: unknown op 'frobnicate', expected one of create, resolve, reject, cancel, get, search",
+            "`op`: unknown op 'frobnicate', expected one of create, resolve, reject, cancel, get, subscribe, search",
         ),
-        (b'{"op":7,"id":"x"}', "`op`: expected one of create, resolve, reject, cancel, get, search, got a number"),
+        (
+            b'{"op":7,"id":"x"}',
+            "`op`: expected one of create, resolve, reject, cancel, get, subscribe, search, got a number",
+        ),
         (b'{"op":"get"}', "`id`: required for get"),
         (b'{"op":"get","id":""}', "`id`: must not be empty"),
         (b'{"op":"get","id":42}', "`id`: expected a string, got a number"),
@@ -217,7 +232,7 @@ ONE_MIB = 1024 * 1024
         (b'{"op":"create","id":"a","timeout":1,"param":{"data":"YWJj="}}', "`param.data`: not valid base64"),
         (
             b'{"op":"zzz","op":"get","id":"a"}',
-            "`op`: unknown op 'zzz', expected one of create, resolve, reject, cancel, get, search",
+            "`op`: unknown op 'zzz', expected one of create, resolve, reject, cancel, get, subscribe, search",
         ),
         (b'{"op":"get","id":5,"id":"a"}', "`id`: expected a string, got a number"),
         (
