@@ -32,12 +32,21 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from dp import kafka as clients
-from dp.errors import ClientClosed, Refused, ReplyTimeout, SearchBusy, SendFailed, WaitTimeout
-from dp.partitioning import partition_for
+from dp.errors import (
+    ClientClosed,
+    CommandInDoubt,
+    DpError,
+    Refused,
+    ReplyTimeout,
+    SearchBusy,
+    SendFailed,
+    WaitTimeout,
+)
 from dp.search import PAGE_BYTES, Page, PartitionPage, Query, decode_cursor, encode_cursor, merge
 from dp.settings import Kafka, Topics
 from dp.topics import check_topics
 from dp.wire import (
+    NOTIFICATION_KIND,
     Cancel,
     Command,
     Completion,
@@ -53,8 +62,11 @@ from dp.wire import (
     Search,
     SearchState,
     Snapshot,
+    Subscribe,
+    TopicTarget,
     Value,
     decode_event,
+    decode_notification,
     decode_reply,
     encode,
     op_name,
@@ -62,6 +74,11 @@ from dp.wire import (
 
 DEFAULT_REPLY_TIMEOUT: Final = 30.0
 POLL_MS: Final = 1_000
+# Subscribes a client has in flight at once: awaiting 100,000 promises sends them in waves of this many.
+SUBSCRIBES_IN_FLIGHT: Final = 5_000
+RESUBSCRIBE_S: Final = 1.0
+# The `dp.kind` header of a record that is a notification, not a reply.
+KIND_HEADER: Final = "dp.kind"
 # Rounds of a search's double collect before it gives up (SearchBusy): each round asks every partition.
 SEARCH_ROUNDS: Final = 8
 
@@ -144,6 +161,8 @@ class Promises:
         self.cursor_key = cursor_key or os.urandom(32)
         self.search_rounds = search_rounds
         self._waiting: dict[str, list[_Waiter]] = {}
+        self._awaiting: dict[str, _Awaited] = {}
+        self._subscribing = asyncio.Semaphore(SUBSCRIBES_IN_FLIGHT)
         self._failure: KafkaError | None = None
         self._stack = AsyncExitStack()
         self._streams: weakref.WeakSet[AsyncGeneratorType[Event, None]] = weakref.WeakSet()
@@ -379,7 +398,10 @@ class Promises:
             while True:
                 for records in (await replies.getmany(timeout_ms=POLL_MS)).values():
                     for record in records:
-                        self._deliver(record.value)
+                        if (KIND_HEADER, NOTIFICATION_KIND) in record.headers:
+                            self._notified(record.value)
+                        else:
+                            self._deliver(record.value)
         except KafkaError as error:
             self._failure = error
             self._fail_waiting(error)
@@ -397,44 +419,136 @@ class Promises:
                 waiter.arrived.set_result(reply)
                 return
 
+    def _notified(self, value: bytes | None) -> None:
+        """A notification in the inbox completes the waits for its promise (others' are ignored)."""
+        try:
+            promise = decode_notification(value or b"").promise
+        except msgspec.DecodeError:
+            return
+        awaited = self._awaiting.get(promise.id)
+        if awaited is not None:
+            _settle(awaited.completed, promise)
+
     def _fail_waiting(self, error: Exception) -> None:
         for waiters in self._waiting.values():
             for waiter in waiters:
                 if not waiter.arrived.done():
                     waiter.arrived.set_exception(error)
+        for awaited in self._awaiting.values():
+            _settle(awaited.completed, exception=error)
 
     # --- completion and events ----------------------------------------------------------------
 
     async def wait(self, id: str, *, timeout: Duration | None = None) -> Promise:  # noqa: ASYNC109 - part of the API
         """The promise's record once it is completed, however long ago or soon that happens.
 
-        It subscribes to the promise's event partition from its end first, then reads the promise:
-        a completion before the read shows in the read, one after it arrives as an event. With no
-        `timeout` it waits until the promise's own timeout at the latest (given a running processor).
-        Raises `Refused` if there is no such promise, `WaitTimeout` when `timeout` passes first.
+        Every wait of this client shares one inbox, its reply partition: the client subscribes to the
+        promise there (once per promise, however many wait for it) and the processor sends the
+        completion there, in the transaction that completes it; a subscribe's reply already shows a
+        completed promise. With no `timeout` it waits until the promise's own timeout at the latest
+        (given a running processor). Raises `Refused` if there is no such promise, `WaitTimeout` when
+        `timeout` passes first.
         """
         seconds = _seconds(timeout) if timeout is not None else None
+        awaited = self._awaited(id)
+        awaited.waiters += 1
         try:
             async with asyncio.timeout(seconds):
-                return await self._completion(id)
+                return await asyncio.shield(awaited.completed)
         except TimeoutError:
             if seconds is None:
                 raise
             raise WaitTimeout(id, seconds) from None
+        finally:
+            awaited.waiters -= 1
+            if not awaited.waiters:
+                self._forget(id, awaited)
 
-    async def _completion(self, id: str) -> Promise:
-        async with self._new_consumer() as consumer:
-            partition = partition_for(id.encode(), self.partitions)
-            await _assign(consumer, [TopicPartition(self.topics.events, partition)], from_beginning=False)
-            found = (await self.get(id)).raise_for_status().promise
-            assert found is not None, "a found reply carries the record"
-            if found.state != "PENDING":
-                return found
-            async for record in consumer:
-                event = _decode_event(record.value)
-                if event is not None and event.promise.id == id and event.promise.state != "PENDING":
-                    return event.promise
-        raise AssertionError("a consumer's records never end while it runs")
+    async def wait_many(self, ids: Iterable[str], *, timeout: Duration | None = None) -> dict[str, Promise]:  # noqa: ASYNC109
+        """Every promise's completed record, by id, once all are completed (see `wait`)."""
+        wanted = list(dict.fromkeys(ids))
+        completed = {promise.id: promise async for promise in self.as_completed(wanted, timeout=timeout)}
+        return {id: completed[id] for id in wanted}
+
+    async def as_completed(self, ids: Iterable[str], *, timeout: Duration | None = None) -> AsyncIterator[Promise]:  # noqa: ASYNC109
+        """The completed records of `ids` in the order they complete, over this client's one inbox.
+
+        Subscribes to at most `SUBSCRIBES_IN_FLIGHT` promises at a time, so that awaiting 100,000
+        promises costs memory and Kafka traffic in proportion, never a consumer each. `timeout` bounds
+        the whole iteration (`WaitTimeout` names the first promise still pending).
+        """
+        wanted = list(dict.fromkeys(ids))
+        seconds = _seconds(timeout) if timeout is not None else None
+        done: asyncio.Queue[asyncio.Future[Promise]] = asyncio.Queue()
+        held = [self._awaited(id) for id in wanted]
+        for awaited in held:
+            awaited.waiters += 1
+            awaited.completed.add_done_callback(done.put_nowait)
+        try:
+            async with asyncio.timeout(seconds):
+                for _ in held:
+                    yield (await done.get()).result()
+        except TimeoutError:
+            if seconds is None:
+                raise
+            pending = next(id for id, awaited in zip(wanted, held, strict=True) if not awaited.completed.done())
+            raise WaitTimeout(pending, seconds) from None
+        finally:
+            for id, awaited in zip(wanted, held, strict=True):
+                awaited.completed.remove_done_callback(done.put_nowait)
+                awaited.waiters -= 1
+                if not awaited.waiters:
+                    self._forget(id, awaited)
+
+    def _awaited(self, id: str) -> _Awaited:
+        """The one completion future of `id` in this client, subscribing to the promise when it is new."""
+        awaited = self._awaiting.get(id)
+        if awaited is None:
+            awaited = self._awaiting[id] = _Awaited(asyncio.get_running_loop().create_future())
+            awaited.subscribing = asyncio.create_task(self._subscribe(id, awaited), name=f"dp-subscribe-{id}")
+        return awaited
+
+    def _forget(self, id: str, awaited: _Awaited) -> None:
+        """Nobody waits for `id` any more: stop subscribing (a subscription made stays, and is harmless)."""
+        if self._awaiting.get(id) is awaited:
+            del self._awaiting[id]
+        if awaited.subscribing is not None:
+            awaited.subscribing.cancel()
+        if not awaited.completed.done():
+            awaited.completed.cancel()
+
+    async def _subscribe(self, id: str, awaited: _Awaited) -> None:
+        """Subscribe this client's inbox to `id`, again after a reply timeout (a subscribe is idempotent)."""
+        command = Subscribe(id, subscription=self.inbox_subscription, target=self.inbox)
+        async with self._subscribing:
+            while True:
+                try:
+                    reply = await self._request(command, id.encode(), None, None)
+                    break
+                except CommandInDoubt:
+                    if self._failure is not None:
+                        _settle(awaited.completed, exception=self._failure)
+                        return
+                    await asyncio.sleep(RESUBSCRIBE_S)  # the processor or Kafka is away: ask again soon
+                except DpError as error:
+                    _settle(awaited.completed, exception=error)
+                    return
+        if not reply.ok or reply.promise is None:
+            _settle(awaited.completed, exception=Refused(reply))
+        elif reply.promise.state != "PENDING":
+            _settle(awaited.completed, reply.promise)
+
+    @property
+    def inbox(self) -> TopicTarget:
+        """Where this client's notifications arrive: its reply partition, read by its one reply reader."""
+        assert self.reply_partition is not None, "the client is not started"
+        return TopicTarget(self.topics.replies, self.reply_partition)
+
+    @property
+    def inbox_subscription(self) -> str:
+        """The subscription id of this inbox: every client reading the same partition shares it (each
+        sees the notification), and a restarted client with the same partition re-subscribes as a no-op."""
+        return f"dp.inbox:{self.inbox.topic}/{self.inbox.partition}"
 
     def events(
         self,
@@ -517,6 +631,29 @@ def _one_transaction(replies: Iterable[Reply]) -> bool:
     commit), so the answers reflect one instant, however busy the partitions."""
     labels = {reply.snapshot.transaction if reply.snapshot is not None else None for reply in replies}
     return len(labels) == 1 and None not in labels
+
+
+@dataclass
+class _Awaited:
+    """One promise this client awaits: its completion, how many calls wait for it, and its subscribe."""
+
+    completed: asyncio.Future[Promise]
+    waiters: int = 0
+    subscribing: asyncio.Task[None] | None = None
+
+
+def _settle(
+    future: asyncio.Future[Promise], result: Promise | None = None, *, exception: Exception | None = None
+) -> None:
+    """Complete a future once: the first of a subscribe's reply and a notification wins."""
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+        future.exception()  # retrieved: a wait that has gone does not make it an unhandled error
+    else:
+        assert result is not None
+        future.set_result(result)
 
 
 @dataclass(frozen=True)

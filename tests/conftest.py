@@ -66,7 +66,7 @@ def kafka(bootstrap_servers: str) -> Kafka:
 
 @pytest.fixture
 async def topics(kafka: Kafka) -> AsyncIterator[Topics]:
-    """A fresh set of the five topics for one test, so tests never see each other's records."""
+    """A fresh set of the six topics for one test, so tests never see each other's records."""
     names = Topics(f"t{uuid.uuid4().hex[:10]}")
     await create_topics(kafka, names, TEST_PARTITIONS)
     yield names
