@@ -66,7 +66,7 @@ class Routes:
         self.gateway = gateway
         self.openapi = generate().encode()
         self.followers = 0
-        """Long-polls and event streams open now."""
+        """Event streams open now."""
 
     def register(self, router: web.UrlDispatcher) -> None:
         for method, path, handler in (
@@ -74,6 +74,8 @@ class Routes:
             ("GET", "/promises", self.search),
             ("GET", "/promises/{id:.+}", self.read),
             ("PATCH", "/promises/{id:.+}", self.complete),
+            ("POST", "/promises/subscribe/{id:.+}", self.subscribe),
+            ("POST", "/promises/callback/{id:.+}", self.callback),
             ("GET", "/events", self.events),
             ("GET", "/ping", self.ping),
             ("GET", "/healthz", self.ping),
@@ -104,16 +106,29 @@ class Routes:
         command = http.get_command(promise_id, request.headers)
         seconds = wait_seconds(_params(request), self.gateway.settings.max_wait)
         if seconds is not None:
-            with self._following():
-                waited = await self._long_poll(promise_id, seconds)
+            waited = await self._long_poll(promise_id, seconds)
             if waited is not None:
                 return waited
         result = await client.send(command)
         return _respond(http.answer("get", result.reply, promise_id))
 
+    async def subscribe(self, request: web.Request) -> web.Response:
+        return await self._subscribe(request, callback=False)
+
+    async def callback(self, request: web.Request) -> web.Response:
+        return await self._subscribe(request, callback=True)
+
+    async def _subscribe(self, request: web.Request, *, callback: bool) -> web.Response:
+        client = self.gateway.ready_client()
+        promise_id = request.match_info["id"]
+        command, timeout = http.subscribe_command(promise_id, await request.read(), request.headers, callback=callback)
+        result = await client.send(command)
+        return _respond(http.subscribed(result.reply, promise_id, timeout))
+
     async def _long_poll(self, promise_id: str, seconds: float) -> web.Response | None:
         """The completed record once `wait` has it; None when the wait ended first (or the gateway is
-        stopping): the caller then reads the record as it is now."""
+        stopping): the caller then reads the record as it is now. A wait costs no consumer: every wait
+        of the gateway shares its client's inbox."""
         client = self.gateway.ready_client()
         waiting = asyncio.ensure_future(client.wait(promise_id, timeout=seconds))
         stopping = asyncio.ensure_future(self.gateway.stopping.wait())
@@ -196,12 +211,12 @@ class Routes:
 
     @contextlib.contextmanager
     def _following(self) -> Iterator[None]:
-        """Count a long-poll or event stream for as long as it runs: each holds a Kafka consumer, so past
-        `max_followers` of them a request is refused (503) rather than exhaust the brokers' connections."""
+        """Count an event stream for as long as it runs: each holds a Kafka consumer, so past `max_followers`
+        of them a request is refused (503) rather than exhaust the brokers' connections."""
         limit = self.gateway.settings.max_followers
         if self.followers >= limit:
             raise HttpError(
-                503, UNAVAILABLE, f"{limit} long-polls and event streams are open already: retry later, or raise "
+                503, UNAVAILABLE, f"{limit} event streams are open already: retry later, or raise "
                 "the gateway's --max-followers (DP_MAX_FOLLOWERS)",
             )  # fmt: skip
         self.followers += 1

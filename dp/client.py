@@ -65,6 +65,7 @@ from dp.wire import (
     Subscribe,
     TopicTarget,
     Value,
+    WebhookTarget,
     decode_event,
     decode_notification,
     decode_reply,
@@ -265,6 +266,22 @@ class Promises:
     async def get(self, id: str, *, reply_timeout: float | None = None) -> Result:
         """Read a promise through the log (status `found` or `not_found`), so the answer is current."""
         return await self.send(Get(id), reply_timeout=reply_timeout)
+
+    async def subscribe(
+        self,
+        id: str,
+        target: TopicTarget | WebhookTarget,
+        *,
+        subscription: str | None = None,
+        reply_timeout: float | None = None,
+    ) -> Result:
+        """Have the processor notify `target` once when the promise completes (at once if it is completed).
+
+        `subscription` names the subscription (default: the target itself, so subscribing the same target
+        twice is one subscription); a repeat with a known name changes nothing (`deduplicated`).
+        """
+        name = subscription or target_name(target)
+        return await self.send(Subscribe(id, subscription=name, target=target), reply_timeout=reply_timeout)
 
     async def send(self, command: Command, *, reply_timeout: float | None = None) -> Result:
         """Publish a command as it is and await its reply: its idempotency key and `strict` are kept (a None
@@ -700,6 +717,15 @@ async def _commit(consumer: AIOKafkaConsumer, group: str | None, finished: dict[
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def target_name(target: TopicTarget | WebhookTarget) -> str:
+    """A target as text: its URL, or kafka://topic with its partition or key."""
+    if isinstance(target, WebhookTarget):
+        return target.url
+    where = f"?partition={target.partition}" if target.partition is not None else ""
+    where += f"{'&' if where else '?'}key={target.key}" if target.key is not None else ""
+    return f"kafka://{target.topic}{where}"
 
 
 def deadline_ms(timeout: Deadline, now: float | None = None) -> int:

@@ -24,6 +24,10 @@ class BrokerUnreachable(DpError):
         self.bootstrap_servers = bootstrap_servers
 
 
+class UsageError(DpError):
+    """Options that do not go together; the message says which."""
+
+
 class DataDirInUse(DpError):
     """Another running processor holds the data dir (and with it the transactional id)."""
 

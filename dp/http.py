@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
@@ -37,7 +38,11 @@ from dp.wire import (
     Reply,
     Resolve,
     State,
+    Subscribe,
+    Target,
+    TopicTarget,
     Value,
+    WebhookTarget,
     encode,
 )
 
@@ -192,6 +197,23 @@ def render_page(promises: Iterable[Promise], cursor: str | None) -> bytes:
     return encode(SearchPage([view(promise) for promise in promises], cursor))
 
 
+class CallbackView(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """A subscription as Resonate's API shows it (`timeout` is echoed: dp notifies whenever it completes)."""
+
+    id: str
+    promise_id: str
+    timeout: int
+    created_on: int
+
+
+class SubscriptionBody(msgspec.Struct, frozen=True, gc=False):
+    """The response of the subscribe and callback routes: the subscription still waiting (null once the
+    promise is completed: it was notified then) and the promise."""
+
+    callback: CallbackView | None
+    promise: PromiseView
+
+
 def render_event(event: Event) -> bytes:
     """One Server-Sent Events message: `event: <type>` and the rendered promise as its one data line."""
     return b"event: " + event.type.encode() + b"\ndata: " + render_promise(event.promise) + b"\n\n"
@@ -235,6 +257,18 @@ def answer(action: Action, reply: Reply, promise_id: str) -> Answer:
     if status is not None and reply.promise is not None:
         return Answer(status, render_promise(reply.promise))
     refused = _refusal(action, reply, promise_id)
+    return Answer(refused.status, refused.body())
+
+
+def subscribed(reply: Reply, promise_id: str, timeout: int) -> Answer:
+    """The response to a subscribe: 201 when a subscription now waits for the promise, 200 when it already
+    did or the promise is completed (notified at once, or before), 404 without the promise."""
+    if reply.status in ("created", "deduplicated") and reply.promise is not None:
+        waiting = reply.subscription
+        callback = None if waiting is None else CallbackView(waiting.id, promise_id, timeout, waiting.created_on)
+        status = 201 if reply.status == "created" and waiting is not None else 200
+        return Answer(status, encode(SubscriptionBody(callback, view(reply.promise))))
+    refused = _refusal("get", reply, promise_id)
     return Answer(refused.status, refused.body())
 
 
@@ -344,7 +378,36 @@ class CompleteRequest(msgspec.Struct, frozen=True, gc=False):
     value: ValueInput | None = None
 
 
+class RecvObject(msgspec.Struct, frozen=True, gc=False):
+    """Resonate's structured `recv`: `{"type": "http", "data": {"url", "headers"}}`, or dp's
+    `{"type": "kafka", "data": {"topic", "partition", "key"}}`."""
+
+    type: str
+    data: dict[str, Any] = {}
+
+
+Recv = str | RecvObject
+
+
+class SubscribeRequest(msgspec.Struct, frozen=True, gc=False):
+    """The body of `POST /promises/subscribe/{id}`: the subscription's `id` and where to deliver (`recv`)."""
+
+    id: PromiseId
+    recv: Recv
+    timeout: Millis = 0
+
+
+class CallbackRequest(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    """The body of `POST /promises/callback/{id}`: one callback per root promise (`rootPromiseId`)."""
+
+    root_promise_id: PromiseId
+    recv: Recv
+    timeout: Millis = 0
+
+
 _CREATES: Final = msgspec.json.Decoder(CreateRequest)
+_SUBSCRIBES: Final = msgspec.json.Decoder(SubscribeRequest)
+_CALLBACKS: Final = msgspec.json.Decoder(CallbackRequest)
 _COMPLETES: Final = msgspec.json.Decoder(CompleteRequest)
 _COMPLETIONS: Final[dict[str, type[Resolve | Reject | Cancel]]] = {
     "RESOLVED": Resolve, "REJECTED": Reject, "REJECTED_CANCELED": Cancel
@@ -451,3 +514,68 @@ def complete_command(
 def get_command(promise_id: str, headers: Mapping[str, str], limits: Limits = DEFAULT_LIMITS) -> Get:
     """`GET /promises/{id}`."""
     return Get(check_id(promise_id, limits), request_id=request_id(headers))
+
+
+def subscribe_command(
+    promise_id: str, body: bytes, headers: Mapping[str, str], *, callback: bool, limits: Limits = DEFAULT_LIMITS
+) -> tuple[Subscribe, int]:
+    """`POST /promises/subscribe/{id}` (subscription id: the body's `id`) or `POST /promises/callback/{id}`
+    (subscription id: `__resume:` + `rootPromiseId`, one per root), with the timeout to echo."""
+    check_id(promise_id, limits)
+    if callback:
+        given_callback = _decode(_CALLBACKS, body, CallbackRequest)
+        subscription, recv, timeout = (
+            f"__resume:{given_callback.root_promise_id}",
+            given_callback.recv,
+            given_callback.timeout,
+        )
+    else:
+        given = _decode(_SUBSCRIBES, body, SubscribeRequest)
+        subscription, recv, timeout = given.id, given.recv, given.timeout
+    command = Subscribe(promise_id, subscription=subscription, target=target_of(recv), request_id=request_id(headers))
+    return command, timeout
+
+
+def target_of(recv: Recv) -> Target:
+    """A `recv` as a subscription target: an http(s) URL, `kafka://topic[?partition=N&key=K]`, or the object
+    forms. Resonate's logical receivers (`poll://`, a group name) have no meaning here: a 400 says so."""
+    if isinstance(recv, RecvObject):
+        return _object_target(recv)
+    scheme = urlsplit(recv).scheme.lower()
+    if scheme in ("http", "https"):
+        return WebhookTarget(recv)
+    if scheme == "kafka":
+        return _kafka_url(recv)
+    raise BadRequest(
+        f"`recv` is {recv[:100]!r}: dp delivers to an http:// or https:// URL (a webhook) or to kafka://topic; "
+        "Resonate's polling receivers are not served.",
+        [Detail("recv", 'expected an http(s):// URL, kafka://topic or {"type", "data"}')],
+    )
+
+
+def _kafka_url(recv: str) -> TopicTarget:
+    parts = urlsplit(recv)
+    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    topic = parts.netloc + parts.path
+    partition = query.get("partition")
+    if not topic or (partition is not None and not partition.isdigit()):
+        raise BadRequest(
+            f"`recv` is {recv[:100]!r}: write kafka://<topic>, optionally ?partition=<n>&key=<key>.",
+            [Detail("recv", "expected kafka://<topic>[?partition=<n>&key=<key>]")],
+        )
+    return TopicTarget(topic, int(partition) if partition is not None else None, query.get("key"))
+
+
+_TARGETS: Final = msgspec.json.Decoder(Target)
+
+
+def _object_target(recv: RecvObject) -> Target:
+    kind = {"http": "webhook", "https": "webhook"}.get(recv.type.lower(), recv.type.lower())
+    try:
+        return _TARGETS.decode(encode({"type": kind, **recv.data}))
+    except msgspec.ValidationError as error:
+        raise BadRequest(
+            f'`recv` is not a receiver dp knows ({error}): send {{"type": "http", "data": {{"url": ...}}}} '
+            'or {"type": "kafka", "data": {"topic": ...}}.',
+            [Detail("recv", str(error))],
+        ) from None

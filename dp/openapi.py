@@ -15,7 +15,17 @@ from typing import Any, Final
 
 import msgspec
 
-from dp.http import CompleteRequest, CreateRequest, ErrorBody, PromiseView, SearchPage, Status
+from dp.http import (
+    CallbackRequest,
+    CompleteRequest,
+    CreateRequest,
+    ErrorBody,
+    PromiseView,
+    SearchPage,
+    Status,
+    SubscribeRequest,
+    SubscriptionBody,
+)
 from dp.schema import write_generated
 from dp.wire import MAX_SEARCH_LIMIT
 
@@ -131,6 +141,16 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/promises/subscribe/{id}": {
+            "post": _subscribe_operation(
+                "subscribePromise", "Be notified of a promise's completion (webhook or Kafka topic)", "SubscribeRequest"
+            )
+        },
+        "/promises/callback/{id}": {
+            "post": _subscribe_operation(
+                "callbackPromise", "Register a root promise's callback (delivered as a notification)", "CallbackRequest"
+            )
+        },
         "/events": {
             "get": {
                 "summary": "Server-Sent Events of promise state changes, from now on",
@@ -165,6 +185,21 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _subscribe_operation(operation: str, summary: str, body: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": operation,
+        "parameters": [_ID, _REQUEST_ID],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+        "responses": {
+            "201": _json(_ref("SubscriptionBody"), "subscribed: notified once the promise completes"),
+            "200": _json(_ref("SubscriptionBody"), "already subscribed, or the promise is completed (callback null)"),
+            "404": _error("not found (code 40400)"),
+            **_COMMON_ERRORS,
+        },
+    }
+
+
 def _status() -> dict[str, Any]:
     return _json(_ref("Status"), '{"status": "ok"}')
 
@@ -172,7 +207,18 @@ def _status() -> dict[str, Any]:
 def document() -> dict[str, Any]:
     """The OpenAPI document as a dict (what `GET /openapi.json` serves)."""
     _, schemas = msgspec.json.schema_components(
-        (CreateRequest, CompleteRequest, PromiseView, SearchPage, ErrorBody, Status), ref_template=_REF
+        (
+            CreateRequest,
+            CompleteRequest,
+            SubscribeRequest,
+            CallbackRequest,
+            PromiseView,
+            SubscriptionBody,
+            SearchPage,
+            ErrorBody,
+            Status,
+        ),
+        ref_template=_REF,
     )
     return {
         "openapi": "3.1.0",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -230,7 +231,7 @@ class GatewaySettings(Settings):
     max_wait: float = setting(300.0, "longest long-poll (GET /promises/{id}?wait=...) in seconds; longer waits are cut")
     max_followers: int = setting(
         100,
-        "most long-polls and event streams open at once (each holds a Kafka consumer); beyond it they get 503",
+        "most event streams open at once (each holds a Kafka consumer); beyond it they get 503",
     )
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
 
@@ -257,6 +258,78 @@ class GatewaySettings(Settings):
     @property
     def token_list(self) -> tuple[str, ...]:
         return tuple(token.strip() for token in (self.tokens or "").split(",") if token.strip())
+
+
+@dataclass(frozen=True)
+class WebhookSettings(Settings):
+    """One `dp webhooks` process: posts the notifications of webhook subscriptions (docs/webhooks.md)."""
+
+    kafka: Kafka = field(default_factory=Kafka)
+    topics: Topics = field(default_factory=Topics)
+    group: str | None = setting(
+        None, "consumer group of the webhook posters (default: <topic prefix>-webhooks)", name="webhook_group"
+    )
+    hosts: str | None = setting(
+        None,
+        "comma-separated hosts webhooks may be posted to: `host` (any port), `host:port`, `*.example.com` "
+        "(its subdomains), `[::1]:8080`; empty allows none, so every webhook goes to the DLQ",
+        name="webhook_hosts",
+    )
+    timeout: float = setting(10.0, "seconds one POST may take before it counts as failed", name="webhook_timeout")
+    first_delay: float = setting(0.5, "seconds before the first retry (doubling, full jitter)", name="webhook_delay")
+    max_delay: float = setting(60.0, "longest wait between two attempts, in seconds", name="webhook_max_delay")
+    attempts: int = setting(10, "attempts per notification before it goes to the DLQ", name="webhook_attempts")
+    in_flight: int = setting(
+        1_000, "notifications being delivered at once (fetching pauses beyond)", name="webhook_in_flight"
+    )
+    per_host: int = setting(8, "concurrent POSTs to one host:port", name="webhook_per_host")
+    grace: float = setting(
+        5.0,
+        "seconds a stop waits for the POSTs in flight (the rest are posted again by the next run)",
+        name="webhook_grace",
+    )
+    log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        positive = {"timeout": self.timeout, "first_delay": self.first_delay, "attempts": self.attempts,
+                    "in_flight": self.in_flight, "per_host": self.per_host}  # fmt: skip
+        for name, value in positive.items():
+            if not value > 0:
+                raise BadSetting(f"{name} must be above 0: fix {_where(type(self), name)}.")
+        if self.max_delay < self.first_delay:
+            raise BadSetting(f"max_delay must be at least first_delay: fix {_where(type(self), 'max_delay')}.")
+        if self.grace < 0:
+            raise BadSetting(f"grace must be 0 or more seconds: fix {_where(type(self), 'grace')}.")
+        self.allowed_hosts  # noqa: B018 - refuses a malformed entry when the settings are made
+
+    @property
+    def group_id(self) -> str:
+        return self.group or f"{self.topics.prefix}-webhooks"
+
+    @property
+    def allowed_hosts(self) -> tuple[tuple[str, int | None], ...]:
+        """`hosts` as (lower-cased host or `*.suffix`, port or None for any port)."""
+        return tuple(_host_entry(entry.strip()) for entry in (self.hosts or "").split(",") if entry.strip())
+
+
+_HOST_ENTRY: Final = re.compile(r"(?P<host>(?:\*\.)?[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
+
+
+def _host_entry(entry: str) -> tuple[str, int | None]:
+    match = _HOST_ENTRY.fullmatch(entry)
+    if match is None or (match["port"] is not None and int(match["port"]) > 65535):
+        raise BadSetting(
+            f"webhook host {entry!r} is not host, host:port or *.domain (e.g. hooks.example.com:443): "
+            "fix --webhook-hosts or DP_WEBHOOK_HOSTS."
+        )
+    port = None if match["port"] is None else int(match["port"])
+    return match["host"].lower().removeprefix("[").removesuffix("]"), port
+
+
+def _where(cls: type[Settings], field_name: str) -> str:
+    """The flag and variable of a setting, for an error message."""
+    (spec,) = (spec for spec in cls.specs() if spec.field == field_name)
+    return f"{spec.flag} or {spec.env}"
 
 
 # --- command line ----------------------------------------------------------------------------------

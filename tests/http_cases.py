@@ -461,11 +461,88 @@ def _extra_cases() -> Iterator[Case]:
     )
 
 
+HOOK: Final = "http://127.0.0.1:9/hooks/{id}"
+
+
+def subscribe(recv: Any = HOOK, id: str = "s1", path: str = "/promises/subscribe/{id}", **fields: Any) -> Step:
+    return Step("POST", path, {"id": id, "recv": recv, **fields})
+
+
+def callback(root: str = "root", recv: Any = HOOK) -> Step:
+    return Step("POST", "/promises/callback/{id}", {"rootPromiseId": root, "recv": recv})
+
+
+def _subscribe_cases() -> Iterator[Case]:
+    waiting = {"id": "s1", "promiseId": "{id}", "timeout": 0, "createdOn": SOME}
+    yield Case(
+        "subscribe: a webhook on a pending promise",
+        subscribe(timeout=5),
+        201,
+        expect={"callback": {**waiting, "timeout": 5}, "promise": {"id": "{id}", "state": "PENDING"}},
+        given=PENDING,
+    )
+    yield Case(
+        "subscribe: the same id again is the same subscription",
+        subscribe(),
+        200,
+        expect={"callback": waiting, "promise": {"state": "PENDING"}},
+        given=(*PENDING, subscribe()),
+    )
+    yield Case(
+        "subscribe: a completed promise is notified at once",
+        subscribe(),
+        200,
+        expect={"callback": None, "promise": {"state": "RESOLVED"}},
+        given=RESOLVED,
+    )
+    yield Case(
+        "subscribe: Resonate's structured recv",
+        subscribe({"type": "http", "data": {"url": HOOK, "headers": {"x-token": "t"}}}),
+        201,
+        expect={"callback": waiting},
+        given=PENDING,
+    )
+    yield Case(
+        "callback: one per root promise",
+        callback(),
+        201,
+        expect={"callback": {**waiting, "id": "__resume:root"}, "promise": {"state": "PENDING"}},
+        given=PENDING,
+    )
+    yield Case("subscribe: no such promise", subscribe(), 404, 40400)
+    yield Case("subscribe: recv is required", Step("POST", "/promises/subscribe/{id}", {"id": "s"}), 400, 40000,
+               details=("recv",), given=PENDING)  # fmt: skip
+    yield Case(
+        "subscribe: a polling recv", subscribe("poll://any@default"), 400, 40000, details=("recv",), given=PENDING
+    )
+    yield Case("subscribe: an unknown recv type", subscribe({"type": "sqs", "data": {}}), 400, 40000,
+               details=("recv",), given=PENDING)  # fmt: skip
+    yield Case("callback: rootPromiseId is required", Step("POST", "/promises/callback/{id}", {"recv": HOOK}), 400,
+               40000, details=("rootPromiseId",), given=PENDING)  # fmt: skip
+    yield Case(
+        "subscribe: a kafka topic that does not exist",
+        subscribe("kafka://no-such-topic-{id}"),
+        400,
+        40000,
+        given=PENDING,
+        faces=GATEWAY,
+    )
+    yield Case(
+        "subscribe: a URL the processor refuses",
+        subscribe("http://"),
+        400,
+        40000,
+        given=PENDING,
+        faces=GATEWAY,
+    )
+
+
 CASES: Final[tuple[Case, ...]] = (
     *_create_cases(),
     *_read_cases(),
     *_complete_cases(),
     *_search_cases(),
+    *_subscribe_cases(),
     *_extra_cases(),
 )
 

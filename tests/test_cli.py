@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import selectors
 import signal
 import subprocess
@@ -13,11 +15,14 @@ from pathlib import Path
 import pytest
 
 from dp.cli.main import main
-from dp.settings import Topics
-from dp.wire import Reply, decode_event, decode_promise, decode_reply
+from dp.partitioning import partition_for
+from dp.settings import Kafka, Topics
+from dp.wire import Reply, decode_event, decode_notification, decode_promise, decode_reply
 from tests.support import REPO, ServeProcess, free_port, unique
+from tests.test_commit_path import make_topic
+from tests.wire_client import read_topic
 
-CLIENT_COMMANDS = ("create", "resolve", "reject", "cancel", "get", "wait", "watch")
+CLIENT_COMMANDS = ("create", "resolve", "reject", "cancel", "get", "wait", "subscribe", "watch")
 
 
 class Dp:
@@ -168,9 +173,37 @@ def test_every_subcommand_explains_itself(capsys: pytest.CaptureFixture[str]) ->
     assert exit.value.code == 0
     overview = capsys.readouterr().out
     for command in CLIENT_COMMANDS:
-        assert f"    {command} " in overview
+        assert re.search(rf"^    {command}\b", overview, re.MULTILINE), command
         with pytest.raises(SystemExit) as exit:
             main([command, "--help"])
         assert exit.value.code == 0
         text = capsys.readouterr().out
         assert "--bootstrap-servers" in text and "--json" in text and "exit status" in text
+
+
+def test_subscribe_sends_one_notification_to_a_topic_and_says_what_it_did(
+    dp: Dp, spawn: Callable[..., ServeProcess], kafka: Kafka
+) -> None:
+    spawn()
+    inbox, order = f"inbox-{unique('cli')}", unique("order")
+    asyncio.run(make_topic(kafka, inbox, partitions=2))
+    assert dp("create", order, "--timeout", "1h")[0] == 0
+    code, out, _ = dp("subscribe", order, "--topic", inbox, "--partition", "1")
+    assert code == 0 and f"subscription 'kafka://{inbox}?partition=1' waits for the completion" in out
+    code, again = dp.reply("subscribe", order, "--topic", inbox, "--partition", "1")
+    assert code == 0 and again.status == "deduplicated" and again.subscription is not None
+    code, hook = dp.reply("subscribe", order, "--url", "https://hooks.example/done", "--header", "X-Token=t")
+    assert code == 0 and hook.subscription is not None and hook.subscription.id == "https://hooks.example/done"
+    assert dp("resolve", order)[0] == 0
+    code, out, _ = dp("subscribe", order, "--topic", inbox, "--subscription", "late")
+    assert code == 0 and "subscription 'late' has been notified" in out
+    records = asyncio.run(read_topic(kafka, inbox))
+    notes = sorted((record.partition, decode_notification(record.value).subscription) for record in records)
+    assert notes == sorted([(partition_for(order.encode(), 2), "late"), (1, f"kafka://{inbox}?partition=1")])
+
+    code, _, err = dp("subscribe", order, "--url", "https://x/", "--key", "k")
+    assert code == 2 and one_sentence(err) and "--key" in err
+    code, _, err = dp("subscribe", unique("missing"), "--topic", inbox)
+    assert code == 1 and one_sentence(err)
+    code, _, err = dp("subscribe", order, "--topic", "no-such-topic")
+    assert code == 1 and "does not exist" in err

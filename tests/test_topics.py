@@ -10,7 +10,7 @@ from aiokafka.admin import NewTopic
 from dp import kafka as clients
 from dp.errors import TopicsProblem
 from dp.settings import Kafka, Topics
-from dp.topics import check_topics, create_topics, partition_counts, wait_until_ready
+from dp.topics import all_topics, check_topics, create_topics, partition_counts, wait_until_ready
 from tests.support import TEST_PARTITIONS
 
 
@@ -18,15 +18,27 @@ def fresh_topics() -> Topics:
     return Topics(f"t{uuid.uuid4().hex[:10]}")
 
 
-async def test_create_makes_five_topics_then_does_nothing(kafka: Kafka) -> None:
+async def test_create_makes_six_topics_then_does_nothing(kafka: Kafka) -> None:
     names = fresh_topics()
-    assert len(await create_topics(kafka, names, 3)) == 5
+    assert len(await create_topics(kafka, names, 3)) == 6
     assert await create_topics(kafka, names) == []
     assert await check_topics(kafka, names) == 3
     async with clients.started(kafka, clients.admin(kafka)) as admin:
         configs = await admin.describe_configs([_topic_config(names.changelog)])
     entries = {entry[0]: entry[1] for entry in configs[0].resources[0][4]}
     assert entries["cleanup.policy"] == "compact"
+
+
+async def test_create_adds_the_notifications_topic_to_a_deployment_made_before_it(kafka: Kafka) -> None:
+    names = fresh_topics()
+    async with clients.started(kafka, clients.admin(kafka)) as admin:
+        older = tuple(name for name in all_topics(names) if name != names.notifications)
+        await admin.create_topics([NewTopic(name, 2, 1) for name in older])
+        await wait_until_ready(admin, older)
+    with pytest.raises(TopicsProblem, match="notifications"):
+        await check_topics(kafka, names)
+    assert await create_topics(kafka, names) == [names.notifications]
+    assert await check_topics(kafka, names) == 2
 
 
 async def test_existing_topics_with_another_count_are_refused(kafka: Kafka, topics: Topics) -> None:

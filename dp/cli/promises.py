@@ -23,9 +23,20 @@ from dp.cli.options import (
     kafka_from,
     topics_from,
 )
-from dp.client import DEFAULT_REPLY_TIMEOUT, Deadline, Promises, Result
-from dp.errors import Refused
-from dp.wire import Cancel, Event, EventType, Promise, Reject, Resolve, Value, encode
+from dp.client import DEFAULT_REPLY_TIMEOUT, Deadline, Promises, Result, target_name
+from dp.errors import Refused, UsageError
+from dp.wire import (
+    Cancel,
+    Event,
+    EventType,
+    Promise,
+    Reject,
+    Resolve,
+    TopicTarget,
+    Value,
+    WebhookTarget,
+    encode,
+)
 
 _COMPLETIONS: Final = (
     (Resolve, "resolve", "RESOLVED", "the promised work succeeded"),
@@ -87,6 +98,27 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
     )
     wait.add_argument("--timeout", type=duration, metavar="DURATION", help="give up after this long (default: never)")
     wait.set_defaults(handler=run_wait)
+
+    subscribe = _subcommand(
+        commands,
+        "subscribe",
+        "be notified once when a promise completes",
+        "Subscribe a webhook (--url, posted by `dp webhooks`) or a Kafka topic (--topic) to the promise: one "
+        "notification goes there when it completes, in the same transaction as the completion, or at once if "
+        "it is completed already. Repeating a subscription is harmless.",
+    )
+    where = subscribe.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="POST the notification here (an http:// or https:// URL)")
+    where.add_argument("--topic", help="write the notification to this Kafka topic (not one of dp's own)")
+    subscribe.add_argument("--partition", type=int, help="with --topic: this partition (default: by key)")
+    subscribe.add_argument("--key", help="with --topic: the record key (default: the promise id)")
+    subscribe.add_argument(
+        "--header", action="append", type=key_value, default=[], metavar="K=V", help="with --url: a request header"
+    )
+    subscribe.add_argument(
+        "--subscription", metavar="NAME", help="the subscription's id (default: the URL or kafka://topic)"
+    )
+    subscribe.set_defaults(handler=run_subscribe)
 
     watch = _subcommand(
         commands,
@@ -237,6 +269,25 @@ async def run_wait(args: argparse.Namespace) -> int:
         promise = await promises.wait(args.id, timeout=args.timeout)
     print(encode(promise).decode() if args.json else f"{promise.id}\n{describe(promise)}")
     return EXIT_OK if promise.state == "RESOLVED" else EXIT_KO
+
+
+async def run_subscribe(args: argparse.Namespace) -> int:
+    target: TopicTarget | WebhookTarget
+    if args.url is not None:
+        if args.partition is not None or args.key is not None:
+            raise UsageError("--partition and --key go with --topic, not with --url.")
+        target = WebhookTarget(args.url, dict(args.header))
+    else:
+        if args.header:
+            raise UsageError("--header goes with --url, not with --topic.")
+        target = TopicTarget(args.topic, args.partition, args.key)
+    async with client(args) as promises:
+        result = await promises.subscribe(args.id, target, subscription=args.subscription)
+    if not args.json and result.ok:
+        name = args.subscription or target_name(target)
+        waiting = "waits for the completion" if result.reply.subscription is not None else "has been notified"
+        print(f"subscription {name!r} {waiting}")
+    return report(result, args.json)
 
 
 async def run_watch(args: argparse.Namespace) -> int:

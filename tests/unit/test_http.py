@@ -31,7 +31,8 @@ from dp.search import (
     partition_page,
     position,
 )
-from dp.wire import Create, Event, Get, Limits, Promise, Reply, Resolve, Value
+from dp.subscriptions import NONE, Subscribers, subscribe
+from dp.wire import Create, Event, Get, Limits, Promise, Reply, Resolve, Subscribe, Value
 from tests.http_cases import Case, Step, cases
 from tests.support import Scene, mismatches
 
@@ -42,6 +43,7 @@ class PureFace:
 
     def __init__(self) -> None:
         self.store: dict[str, Promise] = {}
+        self.subscribers: dict[str, Subscribers] = {}
         self.key = os.urandom(16)
 
     def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes) -> tuple[int, bytes]:
@@ -53,6 +55,11 @@ class PureFace:
                     command = http.create_command(body, headers)
                     return self._answer("create", command, command.id)
                 return 200, self._search(search_request(params))
+            for route, callback in (("/promises/subscribe/", False), ("/promises/callback/", True)):
+                if url.path.startswith(route):
+                    promise_id = unquote(url.path.removeprefix(route))
+                    subscribing, timeout = http.subscribe_command(promise_id, body, headers, callback=callback)
+                    return self._subscribe(subscribing, timeout)
             promise_id = unquote(url.path.removeprefix("/promises/"))
             if method == "PATCH":
                 return self._answer("complete", http.complete_command(promise_id, body, headers), promise_id)
@@ -67,6 +74,14 @@ class PureFace:
         if outcome.promise is not None:
             self.store[command.id] = outcome.promise
         answer = http.answer(action, reply_for(command, outcome), promise_id)
+        return answer.status, answer.body
+
+    def _subscribe(self, command: Subscribe, timeout: int) -> tuple[int, bytes]:
+        promise = self.store.get(command.id)
+        judged = subscribe(promise, self.subscribers.get(command.id, NONE), command, _now(), 100)
+        self.subscribers[command.id] = judged.after
+        reply = Reply(None, "subscribe", command.id, True, judged.status, promise, subscription=judged.waiting)
+        answer = http.subscribed(reply, command.id, timeout)
         return answer.status, answer.body
 
     def _search(self, asked: Query | str) -> bytes:
