@@ -487,12 +487,19 @@ class Promises:
         completed = {promise.id: promise async for promise in self.as_completed(wanted, timeout=timeout)}
         return {id: completed[id] for id in wanted}
 
-    async def as_completed(self, ids: Iterable[str], *, timeout: Duration | None = None) -> AsyncIterator[Promise]:  # noqa: ASYNC109
+    async def as_completed(
+        self,
+        ids: Iterable[str],
+        *,
+        timeout: Duration | None = None,  # noqa: ASYNC109
+        subscribed: asyncio.Event | None = None,
+    ) -> AsyncIterator[Promise]:
         """The completed records of `ids` in the order they complete, over this client's one inbox.
 
         Subscribes to at most `SUBSCRIBES_IN_FLIGHT` promises at a time, so that awaiting 100,000
         promises costs memory and Kafka traffic in proportion, never a consumer each. `timeout` bounds
-        the whole iteration (`WaitTimeout` names the first promise still pending).
+        the whole iteration (`WaitTimeout` names the first promise still pending). `subscribed` is set
+        once every promise's subscribe has been answered: any completion after it comes as a notification.
         """
         wanted = list(dict.fromkeys(ids))
         seconds = _seconds(timeout) if timeout is not None else None
@@ -501,6 +508,7 @@ class Promises:
         for awaited in held:
             awaited.waiters += 1
             awaited.completed.add_done_callback(done.put_nowait)
+        watching = asyncio.ensure_future(_all_subscribed(held, subscribed)) if subscribed is not None else None
         try:
             async with asyncio.timeout(seconds):
                 for _ in held:
@@ -511,6 +519,8 @@ class Promises:
             pending = next(id for id, awaited in zip(wanted, held, strict=True) if not awaited.completed.done())
             raise WaitTimeout(pending, seconds) from None
         finally:
+            if watching is not None:
+                watching.cancel()
             for id, awaited in zip(wanted, held, strict=True):
                 awaited.completed.remove_done_callback(done.put_nowait)
                 awaited.waiters -= 1
@@ -657,6 +667,13 @@ class _Awaited:
     completed: asyncio.Future[Promise]
     waiters: int = 0
     subscribing: asyncio.Task[None] | None = None
+
+
+async def _all_subscribed(held: list[_Awaited], subscribed: asyncio.Event) -> None:
+    subscribing = [awaited.subscribing for awaited in held if awaited.subscribing is not None]
+    if subscribing:
+        await asyncio.wait(subscribing)
+    subscribed.set()
 
 
 def _settle(

@@ -88,6 +88,22 @@ def test_quick_http_bench_measures_the_gateway_beside_the_client_at_each_concurr
     assert all(p["cpu_percent"]["gateway"] is not None for p in phases if p["face"] == "http")
 
 
+def test_quick_waits_bench_awaits_every_promise_from_one_client_and_reports_it(bootstrap_servers: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dp.cli", "bench", "--quick", "--waits", "100000", "--spawn", "1", "--partitions", "4",
+         "--json", "--bootstrap-servers", bootstrap_servers],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["waits"], report["processors"], report["partitions"]) == (1_000, 1, 4)
+    waited = report["waited"]
+    assert (waited["returned"], waited["wrong"]) == (1_000, 0)
+    assert 0 < waited["p50_ms"] <= waited["p99_ms"] <= waited["max_ms"]
+    # One producer and one consumer, each with a connection or two per broker: never one per wait.
+    assert 1 <= waited["kafka_connections"] <= 6 and waited["peak_rss_bytes"] > 0
+
+
 async def test_closed_loop_times_the_window_and_counts_errors_from_the_warm_up_on() -> None:
     sent: list[str] = []
 
@@ -112,6 +128,8 @@ async def test_closed_loop_times_the_window_and_counts_errors_from_the_warm_up_o
         (["--clients", "10"], "--clients"),
         (["--gateway", "http://127.0.0.1:9"], "--gateway"),
         (["--http", "--spawn", "1", "--gateway", "http://127.0.0.1:9"], "--gateway"),
+        (["--waits", "10", "--http"], "--http"),
+        (["--waits", "10", "--rates", "200"], "--rates"),
     ],
 )
 def test_flags_of_the_other_mode_are_refused_in_one_sentence(flags: list[str], named: str) -> None:

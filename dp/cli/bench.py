@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dp import bench_http
+from dp import bench_http, bench_waits
 from dp.bench import BenchOptions, plot, render, require_plotting, run_bench
 from dp.bench_http import HttpBenchOptions, run_http_bench
+from dp.bench_waits import WaitBenchOptions, run_wait_bench
 from dp.cli.options import EXIT_KO, EXIT_OK, Subcommands, add_connection_flags, kafka_from, topics_from
 
 # The flags of the pipeline phases, which --http does not run: refused beside it rather than ignored.
@@ -110,6 +111,13 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
         help=f"the running gateway to measure, serving the --topic-prefix topics (default "
         f"{bench_http.DEFAULT_GATEWAY}); with --spawn the benchmark starts its own on a free loopback port",
     )
+    waits = parser.add_argument_group(
+        "waits mode",
+        "--waits N runs only this: one client process (a child of the benchmark) awaits N pending promises at "
+        "once with Promises.as_completed, then they are resolved in random order; it prints the client's peak "
+        "RSS, its Kafka connections, and p50/p99 from each completion to its wait returning.",
+    )
+    waits.add_argument("--waits", type=int, metavar="N", help="await N promises from one client (e.g. 100000)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -188,6 +196,8 @@ def refuse(message: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.waits is not None:
+        return await run_waits(args)
     if args.http:
         return await run_http(args)
     if mixed := given(args, HTTP_ONLY):
@@ -212,6 +222,28 @@ async def run(args: argparse.Namespace) -> int:
     print(render(report, args.json))
     if args.plot is not None:
         plot(report, args.plot)
+    return EXIT_OK
+
+
+async def run_waits(args: argparse.Namespace) -> int:
+    if mixed := given(args, {**PIPELINE_ONLY, **HTTP_ONLY, "http": "--http"}):
+        refuse(f"--waits runs only the waits benchmark: leave out {', '.join(mixed)}, or run them without --waits.")
+    if args.waits < 1:
+        refuse(f"--waits {args.waits}: await at least one promise.")
+    options = WaitBenchOptions(
+        kafka=kafka_from(args),
+        topics=topics_from(args),
+        waits=1_000 if args.quick else args.waits,
+        spawn=args.spawn,
+        partitions=args.partitions,
+        progress=not args.json,
+    )
+    report = await run_wait_bench(options)
+    print(bench_waits.render(report, args.json))
+    waited = report.waited
+    if waited.wrong or waited.returned != report.waits:
+        print(f"dp bench: {waited.returned} of {report.waits} waits returned, {waited.wrong} wrong.", file=sys.stderr)
+        return EXIT_KO
     return EXIT_OK
 
 
