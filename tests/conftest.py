@@ -25,6 +25,7 @@ from tests.support import (
     UNIT_TESTS,
     GatewayProcess,
     ServeProcess,
+    WebhooksProcess,
     container_broker,
     docker_answers,
     script_broker,
@@ -104,6 +105,22 @@ def gateways(bootstrap_servers: str, topics: Topics, tmp_path: Path) -> Iterator
 
     yield start
     for process in started:
+        process.kill()
+
+
+@pytest.fixture
+def webhooks(bootstrap_servers: str, topics: Topics, tmp_path: Path) -> Iterator[Callable[..., WebhooksProcess]]:
+    """Make `dp webhooks` processes on this test's topics with extra environment variables (not started: a
+    test starts, stops and restarts them); every one is killed at teardown."""
+    made: list[WebhooksProcess] = []
+
+    def make(env: dict[str, str] | None = None) -> WebhooksProcess:
+        process = WebhooksProcess(bootstrap_servers, topics, tmp_path / f"webhooks-{len(made)}.log", env)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
         process.kill()
 
 

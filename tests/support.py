@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: paths, the test broker, `dp serve` and `dp gateway` processes and
-wire-command builders.
+"""Helpers shared by the tests: paths, the test broker, `dp serve`, `dp gateway` and `dp webhooks`
+processes and wire-command builders.
 
 Test modules import from here (never from conftest.py or from one another); conftest.py holds only
 fixtures and hooks.
@@ -211,6 +211,56 @@ class GatewayProcess:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+class WebhooksProcess:
+    """One `dp webhooks` OS process, started, stopped and killed like an operator would."""
+
+    def __init__(self, bootstrap_servers: str, topics: Topics, log: Path, env: dict[str, str] | None = None) -> None:
+        """`env` adds variables (e.g. DP_WEBHOOK_HOSTS) to the process's environment."""
+        self.command = [
+            sys.executable, "-m", "dp.cli", "webhooks",
+            "--bootstrap-servers", bootstrap_servers,
+            "--topic-prefix", topics.prefix,
+        ]  # fmt: skip
+        self.env = env or {}
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_within: float = 60.0, wait: bool = True) -> WebhooksProcess:
+        """Start it and, unless `wait` is False, return once this run was assigned its partitions."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        runs = self.assignments()
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env}
+            )
+        deadline = time.monotonic() + ready_within
+        while wait and self.assignments() == runs:
+            if self.process.poll() is not None:
+                pytest.fail(f"dp webhooks exited with {self.process.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"dp webhooks joined no group within {ready_within:g}s:\n{self.log.read_text()}")
+            time.sleep(0.05)  # polling a condition: the next look at the log
+        return self
+
+    def assignments(self) -> int:
+        """How many times its runs were assigned partitions so far, from the log."""
+        return self.log.read_text().count("assigned partitions") if self.log.exists() else 0
+
+    def stop(self, seconds: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(seconds)
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def launcher(clock_offset_ms: int) -> list[str]:

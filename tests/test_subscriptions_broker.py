@@ -4,7 +4,13 @@ and the client's waits multiplexed over one inbox."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import random
+import re
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -12,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.errors import TopicAlreadyExistsError
 
 from consumers.partition import Partition
 from dp.client import Promises
 from dp.errors import Refused, WaitTimeout
 from dp.settings import Kafka, Topics
 from dp.wire import NOTIFICATION_KIND, Notification, decode_notification, decode_reply
-from tests.support import ServeProcess, complete, create, now_ms, unique
+from tests.support import REPO, GatewayProcess, ServeProcess, complete, create, now_ms, unique
 from tests.test_commit_path import make_topic
 from tests.test_faults import Crash, in_process, partition_0_ids, wait_until
 from tests.wire_client import WireClient, read_topic
@@ -205,3 +212,43 @@ async def test_a_restarted_client_resubscribes_and_loses_nothing(
     replies = [decode_reply(r.value) for r in await read_topic(kafka, topics.replies) if not r.headers]
     statuses = [r.status for r in replies if r.op == "subscribe" and r.id == pending]
     assert statuses == ["created", "deduplicated"]
+
+
+async def test_the_readme_examples_of_awaiting_and_subscribing_work_as_written(
+    kafka: Kafka,
+    topics: Topics,
+    spawn: Callable[..., ServeProcess],
+    gateways: Callable[..., GatewayProcess],
+    bootstrap_servers: str,
+) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Awaiting completions and subscribing") :]
+    section = section[: section.index("\n## ")]
+    (program,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (block,) = re.findall(r"```sh\n(.*?)```", section, re.S)
+    spawn()
+    gateway = gateways()
+    env = {**os.environ, "DP_BOOTSTRAP_SERVERS": bootstrap_servers, "DP_TOPIC_PREFIX": topics.prefix}
+    ran = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", program], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert lines[-1] == "1000 completed" and len(lines) == 1001
+    assert sorted(lines[:-1]) == sorted(f"batch/7/{n} RESOLVED" for n in range(1_000))
+
+    with contextlib.suppress(TopicAlreadyExistsError):
+        await make_topic(kafka, "billing.inbox")
+    async with WireClient(kafka, topics) as client:
+        await client.call(create("order/42"))
+    script = block.replace(".venv/bin/dp", f"{sys.executable} -m dp.cli").replace("127.0.0.1:8001", gateway.url)
+    ran = await asyncio.to_thread(
+        subprocess.run, ["bash", "-euo", "pipefail", "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    out = ran.stdout.splitlines()
+    assert "subscription 'https://billing.example/hooks/done' waits for the completion" in out
+    assert "subscription 'billing' waits for the completion" in out
+    answer = json.loads(out[-1])
+    assert answer["callback"]["id"] == "billing" and answer["promise"]["state"] == "PENDING"

@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 
-from dp.cli import bench, gateway, promises, serve, topics
+from dp.cli import bench, gateway, promises, serve, topics, webhooks
 from dp.cli.options import EXIT_KO, EXIT_OK, EXIT_USAGE, Handler, quiet_client_logs
 from dp.errors import DpError, Refused
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Durable promises on Kafka: run the service and talk to it.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for subcommand in (topics, serve, gateway, promises, bench):
+    for subcommand in (topics, serve, gateway, webhooks, promises, bench):
         subcommand.register(commands)
     return parser
 
