@@ -405,7 +405,7 @@ def record_subscription(
     subscribed: Subscribed,
     reply_topics: Mapping[str, TopicInfo],
 ) -> None:
-    if subscribed.after is view.subscribers(promise_id):
+    if subscribed.status != "created":  # not_found, deduplicated: nothing changed
         return
     view.put_subscribers(promise_id, subscribed.after)
     promise = view.get(promise_id)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from dp.search import before, position
 from dp.subscriptions import NONE, Subscribers, decode_subscribers
 from dp.wire import Position, Promise
@@ -27,7 +29,8 @@ class MemoryStore:
         return self.records.get(promise_id)
 
     def subscribers(self, promise_id: str) -> Subscribers:
-        return self.subscribed.get(promise_id, NONE)
+        """A copy, as RocksDB decodes one afresh on every read."""
+        return msgspec.structs.replace(self.subscribed.get(promise_id, NONE))
 
     def newest(self, after: Position | None) -> Iterator[tuple[Position, str]]:
         places = sorted((position(p) for p in self.records.values()), key=lambda p: (p.created_on, p.id), reverse=True)
