@@ -23,6 +23,8 @@ LIMIT_S = 240  # the run aims at about 100 s; past this it is stopped (SIGTERM, 
 SUMMARY = re.compile(r"^faults=(\d+) commands=(\d+) replies=(\d+) lost=(\d+) duplicated=(\d+) violations=(\d+)$")
 # kill -9 of a processor, a zombie, a lost disk and a broker kill -9 at the least.
 MIN_FAULTS = 4
+NOTIFICATIONS = re.compile(r"^  notifications: expected (\d+), found (\d+)", re.MULTILINE)
+SUBSCRIBES = re.compile(r"^  subscribes: .*$", re.MULTILINE)
 
 
 def run_chaos(work: Path) -> tuple[int, str]:
@@ -47,6 +49,18 @@ def run_chaos(work: Path) -> tuple[int, str]:
     return process.returncode, output
 
 
+def assert_subscriptions_exercised(output: str) -> None:
+    """Subscriptions that waited for a completion and ones made on a completed promise, and their
+    notifications checked one by one (the kills fall among them: the verdict covers every one)."""
+    notifications, subscribes = NOTIFICATIONS.search(output), SUBSCRIBES.search(output)
+    assert notifications and subscribes, output[-4000:]
+    expected, found = map(int, notifications.groups())
+    assert expected > 0 and found == expected, notifications.group(0)
+    for kind in ("created (waiting)", "created (promise completed)"):
+        count = re.search(rf"{re.escape(kind)} (\d+)", subscribes.group(0))
+        assert count and int(count.group(1)) > 0, subscribes.group(0)
+
+
 def test_chaos_run_loses_nothing_duplicates_nothing_and_breaks_no_rule(tmp_path: Path) -> None:
     work = tmp_path / "chaos"
     code, output = run_chaos(work)
@@ -59,5 +73,6 @@ def test_chaos_run_loses_nothing_duplicates_nothing_and_breaks_no_rule(tmp_path:
     assert faults >= MIN_FAULTS, output[-4000:]
     assert commands >= 10_000 and replies == commands, last
     assert "1 zombie, 1 lost disk, 1 broker kill -9" in output, output[-4000:]
+    assert_subscriptions_exercised(output)
     # Kept on failure (logs, stores, broker data, run.json: `scripts/chaos --reverify DIR`).
     shutil.rmtree(work, ignore_errors=True)

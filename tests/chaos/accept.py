@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from aiokafka.partitioner import murmur2
 
-from dp.wire import Command, InvalidCommand, Limits, decode_command
+from dp.wire import Command, InvalidCommand, Limits, Subscribe, TopicTarget, decode_command
 
 _GENERIC = msgspec.json.Decoder()
 _REQUEST_ID = re.compile(rb'"requestId"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -52,13 +52,31 @@ def classify(
         return "no such reply topic"
     if command.reply_partition is not None and command.reply_partition >= topics[reply_topic]:
         return "no such reply partition"
+    if isinstance(command, Subscribe):
+        return target_problem(command, topics, default_replies) or command
     return command
 
 
+def target_problem(command: Subscribe, topics: Mapping[str, int], default_replies: str) -> str | None:
+    """Why a subscription's target is refused: a topic is checked like a reply address; a webhook needs
+    the deployment's notifications topic."""
+    target = command.target
+    if not isinstance(target, TopicTarget):
+        notifications = default_replies.removesuffix(".replies") + ".notifications"
+        return None if topics.get(notifications, 0) else "no notifications topic for webhooks"
+    if target.topic.startswith("__") or target.topic in own_topics(default_replies):
+        return "target is the deployment's own or an internal topic"
+    if topics.get(target.topic, 0) == 0:
+        return "no such target topic"
+    if target.partition is not None and target.partition >= topics[target.topic]:
+        return "no such target partition"
+    return None
+
+
 def own_topics(default_replies: str) -> tuple[str, ...]:
-    """The deployment's topics a reply may never go to (all but the replies topic itself)."""
+    """The deployment's topics a reply or a notification may never go to (all but the replies topic)."""
     prefix = default_replies.removesuffix(".replies")
-    return tuple(f"{prefix}.{name}" for name in ("commands", "events", "changelog", "dlq"))
+    return tuple(f"{prefix}.{name}" for name in ("commands", "events", "changelog", "dlq", "notifications"))
 
 
 def recoverable_request_id(value: bytes | None) -> str | None:

@@ -60,6 +60,7 @@ class Hostile:
     limits: Limits
     topics: Mapping[str, int]
     replies_topic: str
+    inbox: str
     drawn: Counter[str] = field(default_factory=Counter)
     serial: int = 0
 
@@ -69,9 +70,11 @@ class Hostile:
 
     def template(self, op: str | None = None) -> dict[str, Any]:
         """A valid command on a real promise; the kinds below break it one way each."""
-        op = op or self.rng.choice(("create", "resolve", "reject", "cancel", "get"))
+        op = op or self.rng.choice(("create", "resolve", "reject", "cancel", "get", "subscribe"))
         body: dict[str, Any] = {"op": op, "id": self.rng.choice(self.ids), "requestId": self.request_id()}
-        if op == "create":
+        if op == "subscribe":
+            body.update(subscription="s0", target={"type": "kafka", "topic": self.inbox})
+        elif op == "create":
             body.update(idempotencyKey="c0", strict=False, timeout=now_ms() + HOUR_MS, param={"data": "eA=="})
         elif op != "get":
             body.update(idempotencyKey="u0", strict=self.rng.random() < 0.5, value={"data": "eQ=="})
@@ -190,6 +193,22 @@ class Hostile:
         bad = self.keyed(body, "own_reply_address")
         return bad._replace(key=None) if self.rng.random() < 0.2 else bad
 
+    def bad_target(self) -> Bad:
+        """A subscription whose notification could not go where it says, or must never go there."""
+        body = self.template("subscribe")
+        own = (*own_topics(self.replies_topic), "__consumer_offsets", f"chaos.no.such.topic.{self.rng.randrange(1000)}")
+        body["target"] = self.rng.choice((
+            {"type": "kafka", "topic": self.rng.choice(own)},
+            {"type": "kafka", "topic": self.inbox, "partition": self.topics.get(self.inbox, 0) + self.rng.randrange(9)},
+            {"type": "kafka", "topic": self.inbox, "key": "k" * (self.limits.max_id_bytes + 1)},
+            {"type": "webhook", "url": self.rng.choice(("ftp://example.com/x", "http:///no-host", "not a url"))},
+            {"type": "webhook", "url": "http://127.0.0.1:9/x", "headers": {"x": "line\r\nbreak"}},
+            {"type": "carrier-pigeon", "topic": self.inbox},
+        ))  # fmt: skip
+        if self.rng.random() < 0.2:
+            body["subscription"] = self.rng.choice(("", "s" * (self.limits.max_id_bytes + 1), 7))
+        return self.keyed(body, "bad_target")
+
     def bitflip(self) -> Bad:
         bad = self.keyed(self.template(), "bitflip")
         assert bad.value is not None
@@ -226,6 +245,7 @@ KINDS: dict[str, tuple[Callable[[Hostile], Bad], float]] = {
     "tombstone": (Hostile.tombstone, 3),
     "bad_reply_address": (Hostile.bad_reply_address, 5),
     "own_reply_address": (Hostile.own_reply_address, 5),
+    "bad_target": (Hostile.bad_target, 4),
     "bitflip": (Hostile.bitflip, 10),
     "deep": (Hostile.deep, 1),
     "bad_utf8": (Hostile.bad_utf8, 1),

@@ -33,12 +33,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiokafka.admin import NewTopic
+
+from dp import kafka as clients
 from dp.settings import Kafka, Topics
-from dp.topics import create_topics
+from dp.topics import TIMESTAMPS, create_topics, wait_until_ready
 from dp.wire import Limits
 from tests.chaos.cluster import Broker, Cluster, ClusterError, Processor, free_port, poll_until, serve_command
 from tests.chaos.faults import FaultLog, Faults
 from tests.chaos.hostile import Hostile, HostileSender
+from tests.chaos.notifications import INBOX_PARTITIONS, inbox_topic
 from tests.chaos.segments import markers
 from tests.chaos.verify import Context, Verdict, broker_skipped_markers, overdue_pending, topic_sizes, verify
 from tests.chaos.workload import Attempt, Budget, Client, Ledger, Mix, Pacer, Replies, now_ms
@@ -150,6 +154,13 @@ def promise_ids(count: int) -> tuple[str, ...]:
     return tuple(f"ünï/{n}" if n % 50 == 7 else f"order/{n}" for n in range(count))
 
 
+async def create_inbox(kafka: Kafka, name: str) -> None:
+    """The subscribers' topic, as an application would create it (not one of dp's)."""
+    async with clients.started(kafka, clients.admin(kafka)) as admin:
+        await admin.create_topics([NewTopic(name, INBOX_PARTITIONS, 1, topic_configs=TIMESTAMPS)])
+        await wait_until_ready(admin, (name,))
+
+
 async def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
     if not await poll_until(condition, seconds):
         raise ClusterError(f"{what} did not happen within {seconds:.0f}s")
@@ -199,6 +210,7 @@ class Run:
         took = await self.cluster.broker.start()
         say(f"broker up on {self.kafka.bootstrap_servers} in {took:.1f}s")
         await create_topics(self.kafka, self.topics, options.partitions)
+        await create_inbox(self.kafka, inbox_topic(self.topics))
         for processor in self.cluster.processors:
             processor.start()
         await until(self.cluster.settled, SETTLE_S, "every partition opened by a processor")
@@ -209,7 +221,8 @@ class Run:
         def window_start() -> int:
             return int(len(self.ids) - options.ids) * self.ledger.sent // max(options.commands, 1)
 
-        mix = Mix(self.ids, options.ids, window_start, options.short_max, options.reply_timeout)
+        mix = Mix(self.ids, options.ids, window_start, options.short_max, options.reply_timeout,
+                  inbox_topic(self.topics), INBOX_PARTITIONS)  # fmt: skip
         clients = [Client(f"c{n}", self.kafka, self.topics, replies, self.ledger, mix, self.rng.randrange(2**32))
                    for n in range(options.clients)]  # fmt: skip
         try:
@@ -254,7 +267,7 @@ class Run:
         pacer = Pacer(options.commands / (options.seconds * 0.85))
         sizes = await topic_sizes(self.kafka)
         hostile = Hostile(random.Random(self.rng.random()), self.ids, options.partitions, LIMITS, sizes,
-                          self.topics.replies)  # fmt: skip
+                          self.topics.replies, inbox_topic(self.topics))  # fmt: skip
         self.hostile = HostileSender(self.kafka, self.topics, hostile, options.hostile)
         self.faults.began = time.monotonic()
 
@@ -397,8 +410,10 @@ class Run:
                 f"duplicated={sum(v.duplicated.values())} violations={sum(v.violations.values())}")  # fmt: skip
 
     def cleanup(self) -> None:
+        """Stop everything, take the figures (they read the logs), then remove the work dir unless kept."""
         self.cluster.close()
         self.count_markers()
+        self.figures()
         if self.options.keep or self.options.work_dir is not None:
             say(f"work dir kept: {self.work}")
         else:
@@ -432,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
         run.verdict.violate("run aborted", repr(error))
     finally:
         run.cleanup()
-    run.figures()
     say("figures:")
     for line in run.verdict.report():
         say(line)

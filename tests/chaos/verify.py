@@ -1,17 +1,7 @@
 """The verdict, from Kafka itself (read_committed), the processors' stores and a fresh restore.
 
-The oracle is the replay: each partition's committed command records, in log order, through the
-pure `transition`. The one thing the log does not record is the processor's clock. The processor
-applied a command at some `now` between the command record's timestamp (the producer's create time)
-and its reply record's timestamp, so the replay judges each command at both bounds:
-
-- a reply that stamps its `now` (createdOn of `created`, completedOn of `resolved`/`rejected`/
-  `canceled`) must stamp it inside the window, and is judged exactly at that `now`;
-- otherwise, if both bounds give the same outcome, the reply must be exactly that; if they differ
-  (a timeout fell inside the window), the reply must be one of the two.
-
-The replay then continues from the record the reply carries, so the state it holds is exact, clock
-fields included, and every later comparison is plain equality.
+The oracle is the replay (`tests/chaos/replayer.py`): each partition's committed command records, in
+log order, judged against their replies; the checks here compare everything else Kafka holds with it.
 """
 
 from __future__ import annotations
@@ -31,17 +21,25 @@ from aiokafka.structs import ConsumerRecord
 from consumers.restore import restore
 from consumers.store import PartitionStore
 from dp.kafka import options as kafka_options
-from dp.machine import Outcome, expire, transition
 from dp.settings import Kafka, Topics
-from dp.wire import Command, Event, Limits, Promise, Reply, decode_event, decode_promise, decode_reply, op_name
+from dp.subscriptions import NONE, Subscribers
+from dp.wire import (
+    Command,
+    Event,
+    Limits,
+    Promise,
+    decode_event,
+    decode_promise,
+    decode_reply,
+)
 from tests.chaos.accept import classify, home_partition, recoverable_request_id, salvaged_request_id
 from tests.chaos.cluster import Cluster
+from tests.chaos.notifications import check_subscriptions, is_notification, latest_subscribers
+from tests.chaos.replayer import GRACE_MS, Replayer, describe
 from tests.chaos.workload import Ledger
 from tests.wire_client import read_topic
 
-STAMPED = {"created": "created_on", "resolved": "completed_on", "rejected": "completed_on", "canceled": "completed_on"}
 COMPLETIONS = frozenset(("resolved", "rejected", "canceled", "timedout"))
-GRACE_MS = 2_000
 SAMPLES = 5
 
 
@@ -144,113 +142,6 @@ class Context:
     broker_log: Path
 
 
-class Replayer:
-    """Judges every valid command of one partition in log order against its reply (see module doc)."""
-
-    def __init__(self, verdict: Verdict, replies: dict[str, list[ConsumerRecord]]) -> None:
-        self.verdict = verdict
-        self.replies = replies
-        self.state: dict[str, Promise] = {}
-        self.events: dict[str, list[Event]] = defaultdict(list)
-        self.ambiguous: Counter[str] = Counter()
-        self.judged = 0
-
-    def apply(self, record: ConsumerRecord, command: Command) -> None:
-        pending = self.replies.get(command.request_id or "")
-        answer = pending.pop(0) if pending else None
-        reply = decode_reply(answer.value) if answer is not None else None
-        low = record.timestamp
-        high = answer.timestamp if answer is not None else low
-        where = f"{command.request_id} {op_name(command)} {command.id!r} at {record.partition}:{record.offset}"
-        if high < low:
-            self.verdict.violate("reply older than its command", where)
-        prior = self.state.get(command.id)
-        candidates = self.candidates(prior, command, reply, low, high, where)
-        chosen = next((c for c in candidates if reply is not None and matches(reply, c, command)), None)
-        if reply is not None and chosen is None:
-            self.verdict.violate(
-                "reply differs from the replay",
-                f"{where}: got {describe_reply(reply)}; replay says "
-                + " or ".join(describe_outcome(c) for c in candidates) + f" (before: {describe(prior)})",
-            )  # fmt: skip
-        outcome = chosen or candidates[0]
-        after = reply.promise if reply is not None and reply.promise is not None else outcome.promise
-        if after is not None:
-            self.state[command.id] = after
-        self.events[command.id].extend(outcome.events)
-        self.judged += 1
-
-    def candidates(
-        self, prior: Promise | None, command: Command, reply: Reply | None, low: int, high: int, where: str
-    ) -> list[Outcome]:
-        """The outcomes the processor may have produced: at the stamped `now`, else at both bounds."""
-        now = stamp(reply)
-        if now is not None:
-            if not low <= now <= high:
-                self.verdict.violate(
-                    "stamped time outside the command's window", f"{where}: {now} not in [{low}, {high}]"
-                )
-            return [transition(prior, command, now)]
-        at_low, at_high = transition(prior, command, low), transition(prior, command, high)
-        if same_outcome(at_low, at_high):
-            return [at_low]
-        self.ambiguous["judged"] += 1
-        if reply is not None:
-            self.ambiguous["low" if matches(reply, at_low, command) else "high"] += 1
-        return [at_low, at_high]
-
-    def finish(self, stopped_ms: int, changelog: Mapping[str, tuple[int, Promise]]) -> None:
-        """Active timeouts that no later command observed: due ones must have fired by the end."""
-        for promise_id, promise in list(self.state.items()):
-            if promise.state != "PENDING" or promise.timeout > stopped_ms:
-                continue
-            if promise.timeout + GRACE_MS > stopped_ms and changelog.get(promise_id, (0, promise))[1] == promise:
-                continue  # due within the grace period before the end: may still be pending
-            outcome = expire(promise, stopped_ms)
-            assert outcome is not None and outcome.promise is not None
-            self.state[promise_id] = outcome.promise
-            self.events[promise_id].extend(outcome.events)
-
-
-def stamp(reply: Reply | None) -> int | None:
-    """The processor's `now` when the reply states it (a creation or a completion by this command)."""
-    if reply is None or reply.promise is None or reply.status not in STAMPED:
-        return None
-    value = getattr(reply.promise, STAMPED[reply.status])
-    return int(value) if value is not None else None
-
-
-def matches(reply: Reply, outcome: Outcome, command: Command) -> bool:
-    return (
-        reply.status == outcome.status
-        and reply.ok == outcome.ok
-        and reply.promise == outcome.promise
-        and reply.op == op_name(command)
-        and reply.id == command.id
-        and reply.request_id == command.request_id
-        and reply.error is None
-    )
-
-
-def same_outcome(one: Outcome, other: Outcome) -> bool:
-    return one.status == other.status and one.promise == other.promise and one.events == other.events
-
-
-def describe(promise: Promise | None) -> str:
-    if promise is None:
-        return "none"
-    return (f"{promise.state} ikc={promise.idempotency_key_for_create} iku={promise.idempotency_key_for_complete} "
-            f"timeout={promise.timeout} created={promise.created_on} completed={promise.completed_on}")  # fmt: skip
-
-
-def describe_reply(reply: Reply) -> str:
-    return f"{reply.status} [{describe(reply.promise)}]" + (f" error={reply.error}" if reply.error else "")
-
-
-def describe_outcome(outcome: Outcome) -> str:
-    return f"{outcome.status} [{describe(outcome.promise)}]"
-
-
 async def verify(context: Context, verdict: Verdict) -> None:
     """Every check of the issue, each adding figures and counting what is lost, duplicated or wrong."""
     logs = await read_logs(context.kafka, context.topics)
@@ -264,8 +155,12 @@ async def verify(context: Context, verdict: Verdict) -> None:
     replayed = replay(verdict, valid, replies, context, changelog, twice)
     check_events(verdict, logs.events, replayed, context.partitions)
     check_final(verdict, replayed.state, changelog, context)
-    await check_stores(verdict, context, changelog)
-    check_hostile(verdict, bad, logs, dead, twice)
+    await check_subscriptions(
+        verdict, context.kafka, context.topics, logs.topic_sizes,
+        (replayed.notices, replayed.subscribers, replayed.subscribes), logs.changelog, logs.dlq,
+    )  # fmt: skip
+    await check_stores(verdict, context, changelog, latest_subscribers(logs.changelog))
+    check_hostile(verdict, bad, logs, dead, twice, replayed.refused)
 
 
 # --- a known broker bug -------------------------------------------------------------------------
@@ -361,6 +256,8 @@ def dead_letters(dlq: list[ConsumerRecord]) -> dict[tuple[int, int], list[Consum
     """DLQ copies by the (partition, offset) of the command record they copy."""
     dead: dict[tuple[int, int], list[ConsumerRecord]] = defaultdict(list)
     for record in dlq:
+        if is_notification(record):
+            continue  # a notification whose target is gone: checked with the notifications
         headers = {name: value.decode() for name, value in record.headers}
         dead[(int(headers.get("dp.partition", -1)), int(headers.get("dp.offset", -1)))].append(record)
     return dead
@@ -481,7 +378,7 @@ def replay(
     twice: Twice,
 ) -> Replayer:
     """Replay every partition; one Replayer suffices because a promise lives on one partition."""
-    replayer = Replayer(verdict, {k: list(v) for k, v in replies.items()})
+    replayer = Replayer(verdict, {k: list(v) for k, v in replies.items()}, context.limits.max_subscriptions)
     for partition in sorted(valid):
         for record, command in applications(valid[partition], twice.get(partition)):
             replayer.apply(record, command)
@@ -561,8 +458,14 @@ def check_final(
     verdict.figure("promises", f"{len(changelog)} ({', '.join(f'{s} {n}' for s, n in states.most_common())})")
 
 
-async def check_stores(verdict: Verdict, context: Context, changelog: Mapping[str, tuple[int, Promise]]) -> None:
-    """The compacted changelog, a fresh restore into an empty dir and the live stores agree record by record."""
+async def check_stores(
+    verdict: Verdict,
+    context: Context,
+    changelog: Mapping[str, tuple[int, Promise]],
+    subscribers: Mapping[str, Subscribers],
+) -> None:
+    """The compacted changelog, a fresh restore into an empty dir and the live stores agree record by record,
+    subscriptions included."""
     per_partition: dict[int, dict[str, Promise]] = defaultdict(dict)
     for promise_id, (partition, promise) in changelog.items():
         per_partition[partition][promise_id] = promise
@@ -575,7 +478,7 @@ async def check_stores(verdict: Verdict, context: Context, changelog: Mapping[st
             fresh = PartitionStore(scratch / f"partition-{partition}")
             try:
                 await restore(context.kafka, TopicPartition(context.topics.changelog, partition), fresh)
-                compare_store(verdict, "fresh restore", partition, fresh.records(), want)
+                compare_store(verdict, "fresh restore", partition, fresh, want, subscribers)
             finally:
                 fresh.close()
             owner = owners.get(partition)
@@ -588,7 +491,7 @@ async def check_stores(verdict: Verdict, context: Context, changelog: Mapping[st
                 continue
             live = PartitionStore(path)
             try:
-                compare_store(verdict, f"live store of {owner.name}", partition, live.records(), want)
+                compare_store(verdict, f"live store of {owner.name}", partition, live, want, subscribers)
             finally:
                 live.close()
             compared += len(want)
@@ -598,9 +501,17 @@ async def check_stores(verdict: Verdict, context: Context, changelog: Mapping[st
 
 
 def compare_store(
-    verdict: Verdict, what: str, partition: int, got: dict[str, Promise], want: dict[str, Promise]
+    verdict: Verdict,
+    what: str,
+    partition: int,
+    store: PartitionStore,
+    want: dict[str, Promise],
+    subscribers: Mapping[str, Subscribers],
 ) -> None:
+    got = store.records()
     for promise_id in sorted(set(got) | set(want)):
+        if promise_id in want and store.subscribers(promise_id) != subscribers.get(promise_id, NONE):
+            verdict.violate(f"{what}: subscriptions differ from the changelog", f"partition {partition} {promise_id}")
         if got.get(promise_id) != want.get(promise_id):
             detail = f"{describe(got.get(promise_id))} vs changelog {describe(want.get(promise_id))}"
             verdict.violate(f"{what} differs from the changelog", f"partition {partition} {promise_id}: {detail}")
@@ -612,12 +523,14 @@ def check_hostile(
     logs: Logs,
     dead: Mapping[tuple[int, int], list[ConsumerRecord]],
     twice: Twice,
+    refused_by_rule: list[ConsumerRecord],
 ) -> None:
-    """Each refused record: answered `invalid` when it carries a requestId, and dead-lettered once, intact."""
+    """Each refused record: answered `invalid` when it carries a requestId, and dead-lettered once, intact;
+    so too a valid subscribe the rule refused (a promise's subscriptions are at the limit)."""
     by_request = {decode_reply(r.value).request_id: decode_reply(r.value) for r in logs.replies}
     answered = Counter(request_id or "" for request_id in by_request)
     refused = set()
-    for record in bad:
+    for record in (*bad, *refused_by_rule):
         position = (record.partition, record.offset)
         refused.add(position)
         request_id = refusal_address(record, answered)

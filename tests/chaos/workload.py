@@ -17,7 +17,7 @@ import json
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +32,11 @@ from dp.settings import Kafka, Topics
 from dp.wire import Reply, decode_reply
 
 HOUR_MS = 3_600_000
-OPS = ("create", "resolve", "reject", "cancel", "get")
-OP_WEIGHTS = (30, 20, 12, 10, 28)
+OPS = ("create", "resolve", "reject", "cancel", "get", "subscribe")
+OP_WEIGHTS = (27, 18, 11, 9, 23, 12)
+RECENTLY_CREATED = 64
+# Subscription ids per promise: few, so that repeats (deduplicated) happen besides the retries.
+SUBSCRIPTION_IDS = 3
 CATCH_UP_S = 60.0
 
 
@@ -152,7 +155,11 @@ class Mix:
     start: Callable[[], int]
     short_max_s: float
     reply_timeout_s: float
+    inbox: str
+    inbox_partitions: int
     max_attempts: int = 5
+    created: deque[str] = field(default_factory=lambda: deque(maxlen=RECENTLY_CREATED))
+    """Promises the clients created lately: most subscribes go to one, as an application's would."""
 
     def pick(self, rng: random.Random) -> str:
         first = min(max(self.start(), 0), len(self.ids) - self.window)
@@ -181,6 +188,10 @@ def draw_command(rng: random.Random, mix: Mix) -> dict[str, Any]:
     body: dict[str, Any] = {"op": op, "id": mix.pick(rng)}
     if op == "get":
         return body
+    if op == "subscribe":
+        if mix.created and rng.random() < 0.75:
+            body["id"] = rng.choice(mix.created)
+        return {**body, "subscription": f"s{rng.randrange(SUBSCRIPTION_IDS)}", "target": draw_target(rng, mix)}
     if rng.random() < 0.9:
         body["idempotencyKey"] = None if rng.random() < 0.2 else f"{op[0] if op == 'create' else 'u'}{rng.randrange(3)}"
     if rng.random() < 0.9:
@@ -192,6 +203,21 @@ def draw_command(rng: random.Random, mix: Mix) -> dict[str, Any]:
     else:
         body["value"] = payload(rng)
     return body
+
+
+def draw_target(rng: random.Random, mix: Mix) -> dict[str, Any]:
+    """Mostly the run's inbox (by the promise id, by a key of ours, or to a partition we name); now and
+    then a webhook, whose notification waits in the notifications topic (no `dp webhooks` runs here)."""
+    roll = rng.random()
+    if roll < 0.15:
+        headers = {"x-chaos": str(rng.randrange(10))} if rng.random() < 0.5 else {}
+        return {"type": "webhook", "url": f"http://127.0.0.1:9/chaos/{rng.randrange(4)}", "headers": headers}
+    target: dict[str, Any] = {"type": "kafka", "topic": mix.inbox}
+    if roll < 0.4:
+        target["partition"] = rng.randrange(mix.inbox_partitions)
+    elif roll < 0.6:
+        target["key"] = f"k{rng.randrange(10)}"
+    return target
 
 
 class Client:
@@ -312,7 +338,9 @@ class Client:
             body = draw_command(self.rng, self.mix)
             if body["op"] == "create" and body["timeout"] < now_ms() + HOUR_MS:
                 self.ledger.latest_short_deadline = max(self.ledger.latest_short_deadline, body["timeout"])
-            await self.request(body, budget)
+            answer = await self.request(body, budget)
+            if body["op"] == "create" and answer is not None and answer.ok:
+                self.mix.created.append(body["id"])
 
 
 class Budget:
