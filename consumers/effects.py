@@ -239,14 +239,14 @@ def apply_batch(
             if type(command) is Search:
                 answer = search(route, view, command, now, reply_topics, transaction)
             elif type(command) is Subscribe:
-                subscribed = judge_subscribe(route, effects, view, command, now, reply_topics)
+                outcome, subscribed = judge_subscribe(route, view, command, now)
                 answer = Reply(
                     command.request_id,
                     "subscribe",
                     command.id,
                     subscribed.status in OK_STATUSES,
                     subscribed.status,
-                    view.get(command.id),
+                    outcome.promise,
                     subscription=subscribed.waiting,
                 )
             else:
@@ -387,14 +387,15 @@ def record_changes(
             )
 
 
-def judge_subscribe(
-    route: Route, effects: Effects, view: BatchView, command: Subscribe, now: int, reply_topics: Mapping[str, TopicInfo]
-) -> Subscribed:
+def judge_subscribe(route: Route, view: BatchView, command: Subscribe, now: int) -> tuple[Outcome, Subscribed]:
     """A subscribe sees the promise as a get would: time applies first (a due promise times out, and its
-    waiting subscriptions are notified), then the subscription is judged against that record."""
+    waiting subscriptions are to be notified), then the subscription is judged against that record.
+    Nothing is recorded here: like any command's, the timeout is recorded only once the reply is sure."""
     lazy = transition(view.get(command.id), Get(command.id, request_id=command.request_id), now)
-    record_changes(route, effects, view, lazy, reply_topics)
-    return subscribe(lazy.promise, view.subscribers(command.id), command, now, route.limits.max_subscriptions)
+    subscribers = view.subscribers(command.id)
+    if lazy.events:  # timed out now: its waiting subscriptions will have been notified
+        subscribers = complete(subscribers)[1]
+    return lazy, subscribe(lazy.promise, subscribers, command, now, route.limits.max_subscriptions)
 
 
 def record_subscription(

@@ -214,3 +214,13 @@ def test_the_stored_record_is_a_promise_record_with_its_subscriptions_beside() -
     assert decode_promise(stored) == promise
     assert [s.id for s in decode_subscribers(stored).subscriptions] == ["a"]
     assert set(json.loads(stored)) - set(json.loads(stored_value(promise, NONE))) == {"subscriptions"}
+
+
+def test_a_refused_subscribe_records_no_timeout_like_any_refused_command() -> None:
+    part = Partition(Limits(max_subscriptions=1))
+    part.batch(create(timeout=NOW + 10), sub("a"))
+    refused = part.batch(sub("b"), now=NOW + 20)
+    assert [r.status for r in answers(refused)] == ["invalid"]
+    assert not refused.changed and not notifications(refused)
+    timed_out = part.batch({"op": "get"}, now=NOW + 20)
+    assert [n.subscription for _, _, n in notifications(timed_out)] == ["a"]
