@@ -177,6 +177,11 @@ class Topics(Settings):
         return (self.commands, self.events, self.changelog, self.dlq, self.notifications)
 
 
+MAX_SUBSCRIPTIONS: Final = 500
+"""With every subscription at its size limits (about 6.4 KiB) and the promise at its own, a record still
+fits the 8 MiB dp's topics take (`dp.kafka.MAX_MESSAGE_BYTES`)."""
+
+
 @dataclass(frozen=True)
 class ProcessorSettings(Settings):
     """One `dp serve` process: where it keeps state, how it batches, what it accepts."""
@@ -193,14 +198,29 @@ class ProcessorSettings(Settings):
     )
     max_record_bytes: int = setting(DEFAULT_LIMITS.max_record_bytes, "largest command accepted, in bytes")
     max_data_bytes: int = setting(DEFAULT_LIMITS.max_data_bytes, "largest decoded param or value data, in bytes")
+    max_subscriptions: int = setting(
+        DEFAULT_LIMITS.max_subscriptions,
+        "most subscriptions one promise holds (waiting or notified; kept in its record)",
+    )
     reply_topic_prefixes: str = setting(
         "", "comma-separated prefixes a command's replyTo must start with (default: any topic not the deployment's own)"
     )
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_subscriptions <= MAX_SUBSCRIPTIONS:
+            raise BadSetting(
+                f"max_subscriptions must be 0 to {MAX_SUBSCRIPTIONS} (each is kept in its promise's record, which "
+                "must fit one Kafka record): fix --max-subscriptions or DP_MAX_SUBSCRIPTIONS."
+            )
+
     @property
     def limits(self) -> Limits:
-        return Limits(max_record_bytes=self.max_record_bytes, max_data_bytes=self.max_data_bytes)
+        return Limits(
+            max_record_bytes=self.max_record_bytes,
+            max_data_bytes=self.max_data_bytes,
+            max_subscriptions=self.max_subscriptions,
+        )
 
     @property
     def reply_prefixes(self) -> tuple[str, ...]:

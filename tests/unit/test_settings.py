@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from dp.kafka import options
-from dp.settings import BadSetting, GatewaySettings, Kafka, ProcessorSettings, Topics, add_flags, from_flags
+from dp.settings import (
+    MAX_SUBSCRIPTIONS,
+    BadSetting,
+    GatewaySettings,
+    Kafka,
+    ProcessorSettings,
+    Topics,
+    add_flags,
+    from_flags,
+)
 
 
 def parser_for(*classes: type[Kafka | Topics | ProcessorSettings]) -> argparse.ArgumentParser:
@@ -117,3 +126,9 @@ def test_gateway_durations_must_be_positive() -> None:
         GatewaySettings.from_env({"DP_REPLY_TIMEOUT": "0"})
     with pytest.raises(BadSetting, match="DP_MAX_WAIT='soon' is not a number"):
         GatewaySettings.from_env({"DP_MAX_WAIT": "soon"})
+
+
+def test_the_subscription_bound_keeps_a_record_within_what_kafka_takes() -> None:
+    assert ProcessorSettings(max_subscriptions=7).limits.max_subscriptions == 7
+    with pytest.raises(BadSetting, match="--max-subscriptions"):
+        ProcessorSettings(max_subscriptions=MAX_SUBSCRIPTIONS + 1)
