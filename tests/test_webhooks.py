@@ -248,11 +248,15 @@ async def test_a_kill_9_mid_delivery_loses_nothing(
     await asyncio.to_thread(service.start)
     ids = [unique("crash") for _ in range(20)]
     await asyncio.gather(*(notify(client, promise_id, receiver.url("slow")) for promise_id in ids))
-    await eventually(lambda: sum(hit.status == 200 for hit in receiver.hits) >= 4, 30, "some deliveries")
+
+    def midway() -> bool:
+        answered = sum(hit.status == 200 for hit in receiver.hits)
+        return answered >= 4 and any(hit.status is None for hit in receiver.hits)
+
+    await eventually(midway, 30, "some deliveries done and some under way")
     # The receiver runs on this loop, so nothing is answered between this look and the kill.
     unanswered = {hit.body["promise"]["id"] for hit in receiver.hits if hit.status is None}
     service.kill()
-    assert unanswered, "no POST was in flight at the kill"
 
     await asyncio.to_thread(service.start)
     await eventually(lambda: all(any(hit.status == 200 for hit in receiver.of(i)) for i in ids), 60, "every 2xx")
