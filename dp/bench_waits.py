@@ -31,7 +31,7 @@ from dp.settings import Kafka, Topics
 from dp.topics import DEFAULT_PARTITIONS, check_topics, create_topics
 
 PROMISE_LIFETIME_S: Final = 3_600.0
-SEND_CHUNK: Final = 5_000
+SEND_CHUNK: Final = 1_000
 """Creates and resolves in flight at once from the driving client."""
 WAITER_SECONDS: Final = 600.0
 """The longest the waiting child may take to subscribe, or to see every completion."""
