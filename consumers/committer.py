@@ -30,7 +30,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 import aiokafka.producer.sender
@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import RecordMetadata
 
-from consumers.effects import Outgoing, record_bytes
+from consumers.effects import Incoming, Outgoing, TopicInfo, record_bytes
 from consumers.failures import Failure, classify
 from consumers.kip447 import GroupMetadata, send_offsets
 from consumers.partition import DUE_PER_STEP, Partition, Step
@@ -73,6 +73,25 @@ class SendsRefused(Exception):
     def __init__(self, slots: dict[Slot, BaseException]) -> None:
         super().__init__("; ".join(f"{topic}[{partition}]: {error!r}" for (topic, partition), error in slots.items()))
         self.slots = slots
+
+
+class Without(Mapping[str, TopicInfo]):
+    """The topics as the core sees them, less those Kafka has just refused records for."""
+
+    def __init__(self, topics: Mapping[str, TopicInfo], refused: set[str]) -> None:
+        self.topics = topics
+        self.refused = refused
+
+    def __getitem__(self, topic: str) -> TopicInfo:
+        if topic in self.refused:
+            raise KeyError(topic)
+        return self.topics[topic]
+
+    def __iter__(self) -> Iterator[str]:
+        return (topic for topic in self.topics if topic not in self.refused)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class Committer:
@@ -245,22 +264,36 @@ class Committer:
 
     async def _isolate(self, step: Step) -> None:
         """Replay one partition's share a command at a time; a command whose output Kafka refuses is refused
-        in turn (then, if even that is refused, passed over with its offset committed: never retried)."""
-        partition, now, topics = step.partition, step.now, self.reply_topics
+        in turn (then, if even that is refused, passed over with its offset committed: never retried).
+        Notifications come first: one Kafka refuses goes to the DLQ, so a completion never waits on a
+        subscriber's topic (an active timeout has no command to refuse)."""
+        partition, now = step.partition, step.now
         if step.due or not step.records:
-            await self._commit([partition.step([], now, topics)])
+            await self._commit_sparing_completions(partition, [], now, DUE_PER_STEP)
         for record in step.records:
             try:
-                await self._commit([partition.step([record], now, topics, timers=0)])
+                await self._commit_sparing_completions(partition, [record], now, 0)
                 continue
             except SendsRefused as refused:
                 reason = f"Kafka refused this command's output ({refused}): not applied"
+            topics = self.reply_topics
             try:
                 await self._commit([partition.step([record], now, topics, {record.offset: reason}, timers=0)])
             except SendsRefused as again:
                 log.error("partition %d: offset %d passed over: even its refusal was refused (%s)",
                           partition.route.partition, record.offset, again)  # fmt: skip
                 await self._commit([partition.step([record], now, topics, {record.offset: None}, timers=0)])
+
+    async def _commit_sparing_completions(
+        self, partition: Partition, records: list[Incoming], now: int, timers: int
+    ) -> None:
+        """Commit a step; if Kafka refuses some of its topics, once more with those topics seen as gone, so
+        that notifications bound there go to the DLQ and the completions that sent them still commit."""
+        try:
+            await self._commit([partition.step(records, now, self.reply_topics, timers=timers)])
+        except SendsRefused as refused:
+            topics = Without(self.reply_topics, {topic for topic, _ in refused.slots})
+            await self._commit([partition.step(records, now, topics, timers=timers)])
 
     async def _commit(self, steps: list[Step]) -> None:
         """Publish the steps in one transaction, then persist each partition's share."""

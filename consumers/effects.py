@@ -430,7 +430,8 @@ def notification(
     headers: Headers = [(KIND_HEADER, NOTIFICATION_KIND), (SUBSCRIPTION_HEADER, subscription.id.encode())]
     info = reply_topics.get(topic)
     if info is None or info.partitions == 0 or (partition is not None and partition >= info.partitions):
-        return undeliverable(route, key, value, headers, f"notification target topic {topic!r} is gone", reply_topics)
+        problem = f"notification target topic {topic!r} is gone or refuses dp's writes"
+        return undeliverable(route, key, value, headers, problem, reply_topics)
     message = Outgoing(
         topic, partition_for(key, info.partitions) if partition is None else partition, key, value, headers
     )

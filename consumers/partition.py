@@ -23,8 +23,7 @@ from typing import Final
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumers.effects import Effects, Incoming, Outgoing, Route, apply_batch
-from consumers.reply_topics import ReplyTopics
+from consumers.effects import Effects, Incoming, Outgoing, Route, TopicInfo, apply_batch
 from consumers.restore import StoreAhead, restore
 from consumers.store import PROGRESS_KEY, DataDir, PartitionStore, progress_record
 from dp.settings import Kafka
@@ -178,7 +177,7 @@ class Partition:
         self,
         records: list[Incoming],
         now: int,
-        reply_topics: ReplyTopics,
+        reply_topics: Mapping[str, TopicInfo],
         refusals: Mapping[int, str | None] | None = None,
         *,
         timers: int = DUE_PER_STEP,

@@ -4,6 +4,7 @@ and the client's waits multiplexed over one inbox."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -21,12 +22,13 @@ import pytest
 from aiokafka.errors import TopicAlreadyExistsError
 
 from consumers.partition import Partition
+from consumers.reply_topics import ReplyTopics
 from dp.client import Promises
 from dp.errors import Refused, WaitTimeout
 from dp.settings import Kafka, Topics
 from dp.wire import NOTIFICATION_KIND, Notification, decode_notification, decode_reply
 from tests.support import REPO, GatewayProcess, ServeProcess, complete, create, now_ms, unique
-from tests.test_commit_path import make_topic
+from tests.test_commit_path import make_topic, set_configs
 from tests.test_faults import Crash, in_process, partition_0_ids, wait_until
 from tests.wire_client import WireClient, read_topic
 
@@ -252,3 +254,36 @@ async def test_the_readme_examples_of_awaiting_and_subscribing_work_as_written(
     assert "subscription 'billing' waits for the completion" in out
     answer = json.loads(out[-1])
     assert answer["callback"]["id"] == "billing" and answer["promise"]["state"] == "PENDING"
+
+
+async def test_a_notification_kafka_refuses_goes_to_the_dlq_and_the_completion_commits(
+    kafka: Kafka, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target topic shrinks its max.message.bytes behind the processor's back (its description stays
+    stale, as a topic whose ACLs refuse dp would look): the first transaction is refused, then the
+    command's notification goes to the DLQ and the resolve itself commits."""
+    target = await inbox(kafka)
+    (promise_id,) = partition_0_ids("big", 1)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    async with in_process(kafka, topics, tmp_path / "data", group) as owner, WireClient(kafka, topics) as client:
+
+        async def apply(*commands: dict[str, Any]) -> list[str]:
+            sent = await client.send_all(list(commands))
+            fetched: list[Any] = []
+            while len(fetched) < len(commands):
+                fetched.extend((await owner.consumer.getmany(owner.source, timeout_ms=500)).get(owner.source, []))
+            owner.partition.offer(fetched, owner.consumer)
+            await owner.committer.cycle()
+            return sent
+
+        big = {"headers": {}, "data": base64.b64encode(b"x" * 200_000).decode()}
+        await client.wait_for(await apply(create(promise_id, param=big), subscribe(promise_id, "s", target)))
+        await set_configs(kafka, target, **{"max.message.bytes": "100000"})
+        monkeypatch.setattr(ReplyTopics, "refresh", lambda *_, **__: asyncio.sleep(0, result=False))
+        (resolving,) = await apply(complete("resolve", promise_id))
+        assert (await client.wait_for([resolving]))[resolving].status == "resolved"
+        assert owner.failures == []
+    assert await notifications(kafka, target) == []
+    (letter,) = [r for r in await read_topic(kafka, topics.dlq) if ("dp.kind", NOTIFICATION_KIND) in r.headers]
+    assert b"refuses dp's writes" in dict(letter.headers)["dp.error"]
+    assert decode_notification(letter.value).promise.state == "RESOLVED"
