@@ -517,15 +517,17 @@ class Promises:
             awaited.waiters += 1
             awaited.completed.add_done_callback(done.put_nowait)
         watching = asyncio.ensure_future(_all_subscribed(held, subscribed)) if subscribed is not None else None
+        deadline = None if seconds is None else asyncio.get_running_loop().time() + seconds
         try:
-            async with asyncio.timeout(seconds):
-                for _ in held:
-                    yield (await done.get()).result()
-        except TimeoutError:
-            if seconds is None:
-                raise
-            pending = next(id for id, awaited in zip(wanted, held, strict=True) if not awaited.completed.done())
-            raise WaitTimeout(pending, seconds) from None
+            for _ in held:
+                try:  # the deadline bounds the waiting here, never the caller's loop body at the `yield`
+                    async with asyncio.timeout_at(deadline):
+                        completed = await done.get()
+                except TimeoutError:
+                    assert seconds is not None, "only a deadline times out"
+                    waiting = (id for id, awaited in zip(wanted, held, strict=True) if not awaited.completed.done())
+                    raise WaitTimeout(next(waiting, wanted[0]), seconds) from None
+                yield completed.result()
         finally:
             if watching is not None:
                 watching.cancel()
@@ -539,18 +541,18 @@ class Promises:
         """The one completion future of `id` in this client; a new one joins the queue of subscribes."""
         awaited = self._awaiting.get(id)
         if awaited is None:
+            if self._producer is None:
+                raise ClientClosed()
             loop = asyncio.get_running_loop()
             awaited = self._awaiting[id] = _Awaited(loop.create_future(), loop.create_future())
             self._unsubscribed.append((id, awaited))
             if len(self._subscribers) < SUBSCRIBES_IN_FLIGHT:
-                subscriber = asyncio.create_task(self._subscribe_queued(), name="dp-subscribe")
-                self._subscribers.add(subscriber)
-                subscriber.add_done_callback(self._subscribers.discard)
+                self._subscribers.add(asyncio.create_task(self._subscribe_queued(), name="dp-subscribe"))
         return awaited
 
     def _forget(self, id: str, awaited: _Awaited) -> None:
-        """Nobody waits for `id` any more: a subscribe not yet sent is skipped, one under way ends (a
-        subscription made stays, and is harmless)."""
+        """Nobody waits for `id` any more: a subscribe not yet sent is skipped, one under way is not sent
+        again (a subscription made stays, and is harmless)."""
         if self._awaiting.get(id) is awaited:
             del self._awaiting[id]
         if not awaited.completed.done():
@@ -558,13 +560,17 @@ class Promises:
 
     async def _subscribe_queued(self) -> None:
         """One of at most `SUBSCRIBES_IN_FLIGHT` workers: a task per queued promise would cost a coroutine
-        frame each, which for 100,000 awaited promises is most of the client's memory."""
-        while self._unsubscribed:
-            id, awaited = self._unsubscribed.popleft()
-            if not awaited.completed.done():
-                await self._subscribe(id, awaited)
-            if not awaited.answered.done():
-                awaited.answered.set_result(None)
+        frame each, which for 100,000 awaited promises is most of the client's memory. A worker leaves the
+        count in the same step as it finds the queue empty, so a promise queued next always finds one."""
+        try:
+            while self._unsubscribed:
+                id, awaited = self._unsubscribed.popleft()
+                if not awaited.completed.done():
+                    await self._subscribe(id, awaited)
+                if not awaited.answered.done():
+                    awaited.answered.set_result(None)
+        finally:
+            self._subscribers.discard(cast(asyncio.Task[None], asyncio.current_task()))
 
     async def _subscribe(self, id: str, awaited: _Awaited) -> None:
         """Subscribe this client's inbox to `id`, again after a reply timeout (a subscribe is idempotent)."""

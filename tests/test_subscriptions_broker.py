@@ -24,7 +24,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from consumers.partition import Partition
 from consumers.reply_topics import ReplyTopics
 from dp.client import Promises
-from dp.errors import Refused, WaitTimeout
+from dp.errors import ClientClosed, Refused, WaitTimeout
 from dp.settings import Kafka, Topics
 from dp.wire import NOTIFICATION_KIND, Notification, decode_notification, decode_reply
 from tests.support import REPO, GatewayProcess, ServeProcess, complete, create, now_ms, unique
@@ -287,3 +287,19 @@ async def test_a_notification_kafka_refuses_goes_to_the_dlq_and_the_completion_c
     (letter,) = [r for r in await read_topic(kafka, topics.dlq) if ("dp.kind", NOTIFICATION_KIND) in r.headers]
     assert b"refuses dp's writes" in dict(letter.headers)["dp.error"]
     assert decode_notification(letter.value).promise.state == "RESOLVED"
+
+
+async def test_as_completed_times_out_in_its_own_wait_never_in_the_callers_loop_body(promises: Promises) -> None:
+    done, pending = unique("done"), unique("pending")
+    await promises.create(done, timeout=3600)
+    await promises.create(pending, timeout=3600)
+    await promises.resolve(done)
+    seen: list[str] = []
+    with pytest.raises(WaitTimeout, match=pending):
+        async for promise in promises.as_completed([done, pending], timeout=0.5):
+            seen.append(promise.id)
+            await asyncio.sleep(1.0)  # the caller's own work outlasts the deadline: it is not cut short
+            seen.append("body finished")
+    assert seen == [done, "body finished"]
+    with pytest.raises(ClientClosed):
+        await Promises(kafka=promises.kafka, topics=promises.topics).wait(done)
