@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import RecordMetadata
 
-from consumers.effects import Incoming, Outgoing, TopicInfo, record_bytes
+from consumers.effects import Incoming, Outgoing, TopicInfo, is_notification, record_bytes
 from consumers.failures import Failure, classify
 from consumers.kip447 import GroupMetadata, send_offsets
 from consumers.partition import DUE_PER_STEP, Partition, Step
@@ -287,13 +287,16 @@ class Committer:
     async def _commit_sparing_completions(
         self, partition: Partition, records: list[Incoming], now: int, timers: int
     ) -> None:
-        """Commit a step; if Kafka refuses some of its topics, once more with those topics seen as gone, so
-        that notifications bound there go to the DLQ and the completions that sent them still commit."""
+        """Commit a step; if Kafka refuses a topic the step's notifications go to, once more with those topics
+        seen as gone, so that the notifications go to the DLQ and the completions that sent them commit."""
+        step = partition.step(records, now, self.reply_topics, timers=timers)
         try:
-            await self._commit([partition.step(records, now, self.reply_topics, timers=timers)])
+            await self._commit([step])
         except SendsRefused as refused:
-            topics = Without(self.reply_topics, {topic for topic, _ in refused.slots})
-            await self._commit([partition.step(records, now, topics, timers=timers)])
+            topics = {topic for topic, _ in refused.slots}
+            if not any(message.topic in topics and is_notification(message) for message in step.effects.messages):
+                raise
+            await self._commit([partition.step(records, now, Without(self.reply_topics, topics), timers=timers)])
 
     async def _commit(self, steps: list[Step]) -> None:
         """Publish the steps in one transaction, then persist each partition's share."""

@@ -445,6 +445,10 @@ KIND_HEADER: Final = "dp.kind"
 SUBSCRIPTION_HEADER: Final = "dp.subscription"
 
 
+def is_notification(message: Outgoing) -> bool:
+    return bool(message.headers) and (KIND_HEADER, NOTIFICATION_KIND) in (message.headers or ())
+
+
 def undeliverable(
     route: Route, key: bytes, value: bytes, headers: Headers, problem: str, reply_topics: Mapping[str, TopicInfo]
 ) -> Outgoing:

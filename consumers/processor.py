@@ -54,7 +54,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
         topics = settings.topics
         # The topics every transaction writes, described from the start so that their batches respect their limits.
         self.reply_topics = ReplyTopics(
-            settings.kafka, always=(topics.replies, topics.dlq, topics.events, topics.changelog)
+            settings.kafka, always=(topics.replies, topics.dlq, topics.events, topics.changelog, topics.notifications)
         )
         self.partition_count = 0
         self.data_dir: DataDir | None = None

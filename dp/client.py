@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import time
@@ -285,10 +286,10 @@ class Promises:
     ) -> Result:
         """Have the processor notify `target` once when the promise completes (at once if it is completed).
 
-        `subscription` names the subscription (default: the target itself, so subscribing the same target
+        `subscription` names the subscription (default: `target_id(target)`, so subscribing the same target
         twice is one subscription); a repeat with a known name changes nothing (`deduplicated`).
         """
-        name = subscription or target_name(target)
+        name = subscription or target_id(target)
         return await self.send(Subscribe(id, subscription=name, target=target), reply_timeout=reply_timeout)
 
     async def send(self, command: Command, *, reply_timeout: float | None = None) -> Result:
@@ -765,13 +766,10 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
-def target_name(target: TopicTarget | WebhookTarget) -> str:
-    """A target as text: its URL, or kafka://topic with its partition or key."""
-    if isinstance(target, WebhookTarget):
-        return target.url
-    where = f"?partition={target.partition}" if target.partition is not None else ""
-    where += f"{'&' if where else '?'}key={target.key}" if target.key is not None else ""
-    return f"kafka://{target.topic}{where}"
+def target_id(target: TopicTarget | WebhookTarget) -> str:
+    """A subscription id made from its target: the same target gives the same id (so subscribing it twice is
+    one subscription), and a URL's secrets or length never show in the id."""
+    return f"dp.target:{hashlib.sha256(encode(target)).hexdigest()[:24]}"
 
 
 def deadline_ms(timeout: Deadline, now: float | None = None) -> int:

@@ -541,7 +541,10 @@ def target_of(recv: Recv) -> Target:
     forms. Resonate's logical receivers (`poll://`, a group name) have no meaning here: a 400 says so."""
     if isinstance(recv, RecvObject):
         return _object_target(recv)
-    scheme = urlsplit(recv).scheme.lower()
+    try:
+        scheme = urlsplit(recv).scheme.lower()
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        scheme = ""
     if scheme in ("http", "https"):
         return WebhookTarget(recv)
     if scheme == "kafka":
@@ -558,7 +561,7 @@ def _kafka_url(recv: str) -> TopicTarget:
     query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     topic = parts.netloc + parts.path
     partition = query.get("partition")
-    if not topic or (partition is not None and not partition.isdigit()):
+    if not topic or (partition is not None and not (partition.isascii() and partition.isdigit())):
         raise BadRequest(
             f"`recv` is {recv[:100]!r}: write kafka://<topic>, optionally ?partition=<n>&key=<key>.",
             [Detail("recv", "expected kafka://<topic>[?partition=<n>&key=<key>]")],

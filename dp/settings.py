@@ -208,10 +208,11 @@ class ProcessorSettings(Settings):
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.max_subscriptions <= MAX_SUBSCRIPTIONS:
+        if not 1 <= self.max_subscriptions <= MAX_SUBSCRIPTIONS:
             raise BadSetting(
-                f"max_subscriptions must be 0 to {MAX_SUBSCRIPTIONS} (each is kept in its promise's record, which "
-                "must fit one Kafka record): fix --max-subscriptions or DP_MAX_SUBSCRIPTIONS."
+                f"max_subscriptions must be 1 to {MAX_SUBSCRIPTIONS} (a client's waits take one per promise, and "
+                "each is kept in its promise's record, which must fit one Kafka record): fix --max-subscriptions "
+                "or DP_MAX_SUBSCRIPTIONS."
             )
 
     @property

@@ -119,11 +119,19 @@ async def wait_until_ready(admin: Any, names: tuple[str, ...]) -> None:
     )
 
 
-async def check_topics(kafka: Kafka, topics: Topics) -> int:
-    """The deployment's partition count, or TopicsProblem saying how to fix the topics."""
+def required_topics(topics: Topics) -> tuple[str, ...]:
+    """The topics a processor or client cannot start without. The notifications topic came later: a
+    deployment without it runs, refusing webhook subscriptions until `dp topics create` adds it."""
+    return tuple(name for name in all_topics(topics) if name != topics.notifications)
+
+
+async def check_topics(kafka: Kafka, topics: Topics, *, every: bool = False) -> int:
+    """The deployment's partition count, or TopicsProblem saying how to fix the topics (the required ones,
+    or `every` one)."""
+    names = all_topics(topics) if every else required_topics(topics)
     async with clients.started(kafka, clients.admin(kafka)) as admin:
-        counts = await partition_counts(admin, all_topics(topics))
-    absent = [name for name in all_topics(topics) if name not in counts]
+        counts = await partition_counts(admin, names)
+    absent = [name for name in names if name not in counts]
     if absent:
         raise TopicsProblem(f"missing topics {', '.join(absent)}: create them with `dp topics create`.")
     problem = mismatch(counts, topics)

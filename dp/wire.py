@@ -334,7 +334,13 @@ def _check_sizes(command: Command, limits: Limits) -> None:
         _check_target(command, limits)
 
 
-_LINE_BREAK: Final = re.compile(r"[\r\n\0]")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+RESERVED_HEADERS: Final = frozenset(
+    ("host", "content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
+     "upgrade", "idempotency-key")
+)  # fmt: skip
+"""Headers `dp webhooks` sets itself, or that would change where or how a request goes."""
 
 
 def _check_url(url: str) -> None:
@@ -344,8 +350,18 @@ def _check_url(url: str) -> None:
         parts.port  # noqa: B018 - validates the port
     except ValueError as error:
         raise InvalidCommand(f"`target.url`: not a URL ({error})") from None
-    if parts.scheme not in ("http", "https") or not host or _LINE_BREAK.search(url) or " " in url:
+    if parts.scheme not in ("http", "https") or not host or _CONTROL.search(url) or " " in url:
         raise InvalidCommand(f"`target.url`: must be an http:// or https:// URL with a host, got {url[:200]!r}")
+
+
+def _check_headers(headers: dict[str, str]) -> None:
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise InvalidCommand(f"`target.headers`: {name[:100]!r} is not a header name")
+        if name.lower() in RESERVED_HEADERS or name.lower().startswith("proxy-"):
+            raise InvalidCommand(f"`target.headers`: {name!r} is set by dp webhooks or not allowed")
+        if _CONTROL.search(value):
+            raise InvalidCommand(f"`target.headers`: the value of {name!r} holds a line break or control character")
 
 
 def _check_target(command: Subscribe, limits: Limits) -> None:
@@ -357,14 +373,14 @@ def _check_target(command: Subscribe, limits: Limits) -> None:
         if size > limits.max_id_bytes:
             raise InvalidCommand(f"{field}: must be at most {limits.max_id_bytes} UTF-8 bytes, got {size}")
     if type(target) is WebhookTarget:
-        if len(target.url.encode()) > limits.max_url_bytes:
-            raise InvalidCommand(f"`target.url`: must be at most {limits.max_url_bytes} bytes")
+        if len(encode(target.url)) > limits.max_url_bytes:
+            raise InvalidCommand(f"`target.url`: must be at most {limits.max_url_bytes} bytes as JSON")
         _check_url(target.url)
-        if any(_LINE_BREAK.search(text) for header in target.headers.items() for text in header):
-            raise InvalidCommand("`target.headers`: a header name or value holds a line break or NUL")
-        header_bytes = sum(len(name.encode()) + len(value.encode()) for name, value in target.headers.items())
-        if header_bytes > limits.max_webhook_header_bytes:
-            raise InvalidCommand(f"`target.headers`: must be at most {limits.max_webhook_header_bytes} bytes together")
+        _check_headers(target.headers)
+        if len(encode(target.headers)) > limits.max_webhook_header_bytes:
+            raise InvalidCommand(
+                f"`target.headers`: must be at most {limits.max_webhook_header_bytes} bytes together, as JSON"
+            )
 
 
 def _check_data(field: str, value: Value, limits: Limits) -> None:

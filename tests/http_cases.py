@@ -515,6 +515,11 @@ def _subscribe_cases() -> Iterator[Case]:
     yield Case(
         "subscribe: a polling recv", subscribe("poll://any@default"), 400, 40000, details=("recv",), given=PENDING
     )
+    yield Case(
+        "subscribe: a recv that is no URL", subscribe("http://[::1"), 400, 40000, details=("recv",), given=PENDING
+    )
+    yield Case("subscribe: a kafka recv with a bad partition", subscribe("kafka://t?partition=²"), 400, 40000,
+               details=("recv",), given=PENDING)  # fmt: skip
     yield Case("subscribe: an unknown recv type", subscribe({"type": "sqs", "data": {}}), 400, 40000,
                details=("recv",), given=PENDING)  # fmt: skip
     yield Case("callback: rootPromiseId is required", Step("POST", "/promises/callback/{id}", {"recv": HOOK}), 400,

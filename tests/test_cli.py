@@ -15,9 +15,18 @@ from pathlib import Path
 import pytest
 
 from dp.cli.main import main
+from dp.client import target_id
 from dp.partitioning import partition_for
 from dp.settings import Kafka, Topics
-from dp.wire import Reply, decode_event, decode_notification, decode_promise, decode_reply
+from dp.wire import (
+    Reply,
+    TopicTarget,
+    WebhookTarget,
+    decode_event,
+    decode_notification,
+    decode_promise,
+    decode_reply,
+)
 from tests.support import REPO, ServeProcess, free_port, unique
 from tests.test_commit_path import make_topic
 from tests.wire_client import read_topic
@@ -189,17 +198,19 @@ def test_subscribe_sends_one_notification_to_a_topic_and_says_what_it_did(
     asyncio.run(make_topic(kafka, inbox, partitions=2))
     assert dp("create", order, "--timeout", "1h")[0] == 0
     code, out, _ = dp("subscribe", order, "--topic", inbox, "--partition", "1")
-    assert code == 0 and f"subscription 'kafka://{inbox}?partition=1' waits for the completion" in out
+    by_topic = target_id(TopicTarget(inbox, 1))
+    assert code == 0 and f"subscription {by_topic!r} waits for the completion" in out
     code, again = dp.reply("subscribe", order, "--topic", inbox, "--partition", "1")
     assert code == 0 and again.status == "deduplicated" and again.subscription is not None
     code, hook = dp.reply("subscribe", order, "--url", "https://hooks.example/done", "--header", "X-Token=t")
-    assert code == 0 and hook.subscription is not None and hook.subscription.id == "https://hooks.example/done"
+    hook_id = target_id(WebhookTarget("https://hooks.example/done", {"X-Token": "t"}))
+    assert code == 0 and hook.subscription is not None and hook.subscription.id == hook_id
     assert dp("resolve", order)[0] == 0
     code, out, _ = dp("subscribe", order, "--topic", inbox, "--subscription", "late")
     assert code == 0 and "subscription 'late' has been notified" in out
     records = asyncio.run(read_topic(kafka, inbox))
     notes = sorted((record.partition, decode_notification(record.value).subscription) for record in records)
-    assert notes == sorted([(partition_for(order.encode(), 2), "late"), (1, f"kafka://{inbox}?partition=1")])
+    assert notes == sorted([(partition_for(order.encode(), 2), "late"), (1, by_topic)])
 
     code, _, err = dp("subscribe", order, "--url", "https://x/", "--key", "k")
     assert code == 2 and one_sentence(err) and "--key" in err

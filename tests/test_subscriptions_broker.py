@@ -23,10 +23,10 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from consumers.partition import Partition
 from consumers.reply_topics import ReplyTopics
-from dp.client import Promises
+from dp.client import Promises, target_id
 from dp.errors import ClientClosed, Refused, WaitTimeout
 from dp.settings import Kafka, Topics
-from dp.wire import NOTIFICATION_KIND, Notification, decode_notification, decode_reply
+from dp.wire import NOTIFICATION_KIND, Notification, WebhookTarget, decode_notification, decode_reply
 from tests.support import REPO, GatewayProcess, ServeProcess, complete, create, now_ms, unique
 from tests.test_commit_path import make_topic, set_configs
 from tests.test_faults import Crash, in_process, partition_0_ids, wait_until
@@ -250,7 +250,7 @@ async def test_the_readme_examples_of_awaiting_and_subscribing_work_as_written(
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     out = ran.stdout.splitlines()
-    assert "subscription 'https://billing.example/hooks/done' waits for the completion" in out
+    assert f"subscription {target_id(WebhookTarget('https://billing.example/hooks/done'))!r} waits" in out[0]
     assert "subscription 'billing' waits for the completion" in out
     answer = json.loads(out[-1])
     assert answer["callback"]["id"] == "billing" and answer["promise"]["state"] == "PENDING"

@@ -35,8 +35,9 @@ async def test_create_adds_the_notifications_topic_to_a_deployment_made_before_i
         older = tuple(name for name in all_topics(names) if name != names.notifications)
         await admin.create_topics([NewTopic(name, 2, 1) for name in older])
         await wait_until_ready(admin, older)
+    assert await check_topics(kafka, names) == 2  # processors and clients of the older deployment still start
     with pytest.raises(TopicsProblem, match="notifications"):
-        await check_topics(kafka, names)
+        await check_topics(kafka, names, every=True)  # `dp topics check` names what is missing
     assert await create_topics(kafka, names) == [names.notifications]
     assert await check_topics(kafka, names) == 2
 

@@ -23,7 +23,7 @@ from dp.cli.options import (
     kafka_from,
     topics_from,
 )
-from dp.client import DEFAULT_REPLY_TIMEOUT, Deadline, Promises, Result, target_name
+from dp.client import DEFAULT_REPLY_TIMEOUT, Deadline, Promises, Result, target_id
 from dp.errors import Refused, UsageError
 from dp.wire import (
     Cancel,
@@ -116,7 +116,7 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
         "--header", action="append", type=key_value, default=[], metavar="K=V", help="with --url: a request header"
     )
     subscribe.add_argument(
-        "--subscription", metavar="NAME", help="the subscription's id (default: the URL or kafka://topic)"
+        "--subscription", metavar="NAME", help="the subscription's id (default: one made from the target)"
     )
     subscribe.set_defaults(handler=run_subscribe)
 
@@ -284,7 +284,7 @@ async def run_subscribe(args: argparse.Namespace) -> int:
     async with client(args) as promises:
         result = await promises.subscribe(args.id, target, subscription=args.subscription)
     if not args.json and result.ok:
-        name = args.subscription or target_name(target)
+        name = args.subscription or target_id(target)
         waiting = "waits for the completion" if result.reply.subscription is not None else "has been notified"
         print(f"subscription {name!r} {waiting}")
     return report(result, args.json)

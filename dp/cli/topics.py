@@ -40,7 +40,7 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
 
 async def run_check(args: argparse.Namespace) -> int:
     kafka, topics = kafka_from(args), topics_from(args)
-    partitions = await check_topics(kafka, topics)
+    partitions = await check_topics(kafka, topics, every=True)
     await check_configs(kafka, topics)
     print(f"ok: {', '.join(all_topics(topics))} ({partitions} partitions) are as the processor needs")
     return EXIT_OK

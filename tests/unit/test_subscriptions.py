@@ -174,6 +174,13 @@ def test_a_promise_takes_a_bounded_number_of_subscriptions() -> None:
         ({"type": "webhook", "url": "ftp://x/"}, "http:// or https://"),
         ({"type": "webhook", "url": "https:///no-host"}, "http:// or https://"),
         ({"type": "webhook", "url": "https://x/", "headers": {"A": "b\r\nInjected: 1"}}, "line break"),
+        ({"type": "webhook", "url": "https://x/", "headers": {"A": "b\u0001"}}, "control character"),
+        ({"type": "webhook", "url": "https://x/", "headers": {"Host": "admin.internal"}}, "not allowed"),
+        ({"type": "webhook", "url": "https://x/", "headers": {"Content-Length": "1"}}, "not allowed"),
+        ({"type": "webhook", "url": "https://x/", "headers": {"Proxy-Authorization": "x"}}, "not allowed"),
+        ({"type": "webhook", "url": "https://x/", "headers": {"Bad Name": "v"}}, "not a header name"),
+        ({"type": "webhook", "url": "https://x/\u007f"}, "http:// or https://"),
+        ({"type": "webhook", "url": "https://x/" + "\u0001" * 400}, "bytes as JSON"),
         ({"type": "pigeon"}, "`target.type`"),
     ],
 )
