@@ -4,9 +4,10 @@ The processor writes one record per webhook subscription to the notifications to
 completes (in its transaction, so a notification exists exactly when the completion does). This
 service reads that topic as a consumer group and POSTs each record; only a record that is done
 (delivered with a 2xx, or written to the DLQ after its last attempt) lets its partition's committed
-offset pass it. Deliveries run concurrently, bounded in total and per destination, so one slow or
-dead receiver delays only its own notifications, never anyone's commit order: a crash or a stop at
-any moment posts again what was not done, under the same `Idempotency-Key` (docs/webhooks.md).
+offset pass it. Deliveries run concurrently, bounded in total and per destination, so one slow
+receiver delays mostly its own notifications (a dead one with more than the total bound pending holds
+every slot until they are dead-lettered); a crash or a stop at any moment posts again what was not
+done, under the same `Idempotency-Key` (docs/webhooks.md).
 """
 
 from __future__ import annotations
