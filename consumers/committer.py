@@ -186,7 +186,7 @@ class Committer:
             if ready and any(partition.has_work(now) for partition in self.partitions.values()):
                 return
             self._work.clear()
-            deadlines = [p.next_deadline for p in self.partitions.values() if p.next_deadline is not None]
+            deadlines = [p.wakeup for p in self.partitions.values() if p.wakeup is not None]
             if not ready or not deadlines:
                 await self._work.wait()
                 continue

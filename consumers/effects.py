@@ -16,7 +16,7 @@ from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
-from dp.machine import Outcome, expire, reply_for, transition
+from dp.machine import Outcome, expire, reply_for, retention_over, transition
 from dp.partitioning import partition_for
 from dp.search import (
     PAGE_BYTES,
@@ -30,7 +30,7 @@ from dp.search import (
     position,
 )
 from dp.settings import Topics
-from dp.subscriptions import Subscribed, Subscribers, complete, stored_value, subscribe
+from dp.subscriptions import NONE, Subscribed, Subscribers, complete, stored_value, subscribe
 from dp.wire import (
     NOTIFICATION_KIND,
     OK_STATUSES,
@@ -80,7 +80,8 @@ class Outgoing(msgspec.Struct, frozen=True, gc=False):
     topic: str
     partition: int
     key: bytes | None
-    value: bytes
+    value: bytes | None
+    """None: a tombstone (a purged promise's changelog record)."""
     headers: Headers | None = None
 
 
@@ -95,7 +96,7 @@ class TopicInfo(NamedTuple):
 
 def record_bytes(message: Outgoing) -> int:
     """An upper bound of the bytes Kafka counts against `max.message.bytes` for this record alone."""
-    size = len(message.key or b"") + len(message.value) + RECORD_OVERHEAD
+    size = len(message.key or b"") + len(message.value or b"") + RECORD_OVERHEAD
     if message.headers:
         size += sum(len(name) + len(value) + 8 for name, value in message.headers)
     return size
@@ -133,6 +134,8 @@ class BatchView:
         self.changes: dict[str, Promise] = {}
         self.changed: list[str] = []
         self.subscribed: dict[str, Subscribers] = {}
+        self.purged: dict[str, Promise] = {}
+        """Records the batch purged, as they were (an id created again is in `changes` too)."""
 
     @property
     def version(self) -> int:
@@ -140,15 +143,24 @@ class BatchView:
 
     def get(self, promise_id: str) -> Promise | None:
         changed = self.changes.get(promise_id)
-        return changed if changed is not None else self.store.get(promise_id)
+        if changed is not None or promise_id in self.purged:
+            return changed
+        return self.store.get(promise_id)
 
     def put(self, promise: Promise) -> None:
         self.changes[promise.id] = promise
         self.changed.append(promise.id)
 
+    def purge(self, promise: Promise) -> None:
+        """The promise is gone, and its subscriptions with it: its id is free (a change, for searches)."""
+        self.purged[promise.id] = promise
+        self.changed.append(promise.id)
+
     def subscribers(self, promise_id: str) -> Subscribers:
         changed = self.subscribed.get(promise_id)
-        return changed if changed is not None else self.store.subscribers(promise_id)
+        if changed is not None:
+            return changed
+        return NONE if promise_id in self.purged else self.store.subscribers(promise_id)
 
     def put_subscribers(self, promise_id: str, subscribers: Subscribers) -> None:
         """Subscriptions are not promise changes: they are persisted with the record, the version stays."""
@@ -175,7 +187,7 @@ class BatchView:
             (place, self.store.get(promise_id) if promise_id.startswith(prefix) and matches(promise_id) else None)
             for place, promise_id in self.store.newest(after)
         )
-        yield from overlay(stored, self.changes, pattern, after)
+        yield from overlay(stored, self.changes, pattern, after, gone=self.purged)
 
 
 @dataclass
@@ -188,6 +200,7 @@ class Effects:
     changes: dict[str, Promise] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
     persist: list[tuple[Promise, bytes]] = field(default_factory=list)
+    purged: dict[str, Promise] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,8 @@ class Route:
     limits: Limits
     reply_prefixes: tuple[str, ...] = ()
     """When set, a `replyTo` must start with one of these (the deployment's replies topic always may)."""
+    retention_ms: int | None = None
+    """How long a completed promise is kept (None: forever)."""
 
 
 def apply_batch(
@@ -212,8 +227,10 @@ def apply_batch(
     refusals: Mapping[int, str | None] | None = None,
     *,
     transaction: str | None = None,
+    expired: Sequence[Promise] = (),
 ) -> Effects:
-    """Apply due timeouts, then each command in log order; `reply_topics` describes the cluster's topics.
+    """Purge the `expired` completed promises (retention), apply due timeouts, then each command in log
+    order; `reply_topics` describes the cluster's topics.
 
     `refusals` (by offset) are records the shell learnt Kafka will not take the output of: each is
     refused with the reason given on the deployment's replies topic, or with None passed over silently.
@@ -221,7 +238,11 @@ def apply_batch(
     for the snapshots of search answers.
     """
     view = BatchView(store)
-    effects = Effects(changes=view.changes, changed=view.changed)
+    effects = Effects(changes=view.changes, changed=view.changed, purged=view.purged)
+    for promise in expired:
+        if retention_over(promise, now, route.retention_ms):
+            view.purge(promise)
+            effects.messages.append(Outgoing(route.topics.changelog, route.partition, promise.id.encode(), None))
     for promise in due:
         timed_out = expire(promise, now)
         if timed_out is not None:
@@ -511,7 +532,8 @@ def unchanged(route: Route, view: BatchView, query: Query, since: Snapshot, now:
 
 
 def _tagged(query: Query, promise: Promise | None) -> bool:
-    return promise is not None and has_tags(query, promise)
+    """Whether a changed promise could have been seen by the query: one no longer there (purged) could."""
+    return promise is None or has_tags(query, promise)
 
 
 def reply_partition_of(route: Route, topic: str, partition: int | None, topics: Mapping[str, TopicInfo]) -> int:
@@ -573,7 +595,7 @@ def fitted(letter: Outgoing, dlq: TopicInfo) -> Outgoing:
     excess = record_bytes(letter) - dlq.max_message_bytes
     if excess <= 0:
         return letter
-    raw, headers = letter.value, [*(letter.headers or [])]
+    raw, headers = letter.value or b"", [*(letter.headers or [])]
     headers.append(("dp.truncated", f"{len(raw)} bytes, cut to fit the DLQ's max.message.bytes".encode()))
     key = letter.key if letter.key is None or len(letter.key) < dlq.max_message_bytes // 2 else letter.key[:256]
     room = max(0, dlq.max_message_bytes - record_bytes(Outgoing(letter.topic, letter.partition, key, b"", headers)))

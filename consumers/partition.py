@@ -53,8 +53,8 @@ class Step:
 
     @property
     def empty(self) -> bool:
-        """Nothing to apply (every record was a redelivery, no timeout was due): no transaction needed."""
-        return not self.records and not self.due
+        """Nothing to apply (every record was a redelivery, no timeout or purge was due): no transaction."""
+        return not self.records and not self.due and not self.effects.purged
 
 
 class Partition:
@@ -71,6 +71,8 @@ class Partition:
         self.store: PartitionStore | None = None
         self.next_offset = 0
         self.next_deadline: int | None = None
+        self.next_purge: int | None = None
+        """When the oldest completed promise is due to be purged (with a retention set)."""
         self.restored = 0
         self.open_seconds = 0.0
         self._queue: list[Incoming] = []
@@ -120,6 +122,7 @@ class Partition:
         self.next_offset = max(committed or 0, self.store.command_offset)
         consumer.seek(self.source, self.next_offset)
         self.next_deadline = self.store.next_deadline()
+        self.next_purge = self._first_purge()
         self.version = self._known_since = self.store.version
         self._recent.clear()
         self._queue, self._queued_bytes = [], 0
@@ -155,8 +158,23 @@ class Partition:
     def due(self, now: int) -> bool:
         return self.next_deadline is not None and self.next_deadline <= now
 
+    def purge_due(self, now: int) -> bool:
+        return self.next_purge is not None and self.next_purge <= now
+
+    @property
+    def wakeup(self) -> int | None:
+        """The next time this partition has work without a command: a timeout, or a purge."""
+        times = [time for time in (self.next_deadline, self.next_purge) if time is not None]
+        return min(times) if times else None
+
+    def _first_purge(self) -> int | None:
+        assert self.store is not None, "partition is not open"
+        retention = self.route.retention_ms
+        first = self.store.first_completed() if retention is not None else None
+        return None if first is None or retention is None else first + retention
+
     def has_work(self, now: int) -> bool:
-        return bool(self._queue) or self.due(now)
+        return bool(self._queue) or self.due(now) or self.purge_due(now)
 
     def take(self, count: int, size: int) -> list[Incoming]:
         """At most `count` queued records and about `size` bytes of them (at least one, if any)."""
@@ -196,17 +214,29 @@ class Partition:
         due = self.store.due(now, timers, timer_bytes or self.max_batch_bytes) if sweep else []
         if sweep and not due:  # the earliest timeout was completed meanwhile: look again
             self.next_deadline = self.store.next_deadline()
-        effects = apply_batch(self.route, self, fresh, due, now, reply_topics, refusals, transaction=transaction)
+        expired = self._expired(now, timers)
+        effects = apply_batch(
+            self.route, self, fresh, due, now, reply_topics, refusals, transaction=transaction, expired=expired
+        )
         next_offset = fresh[-1].offset + 1 if fresh else self.next_offset
         progress = progress_record(next_offset, now, self.version + len(effects.changed))
         effects.messages.append(Outgoing(self.route.topics.changelog, self.route.partition, PROGRESS_KEY, progress))
         return Step(self, fresh, due, now, next_offset, effects)
 
+    def _expired(self, now: int, limit: int) -> list[Promise]:
+        """At most `limit` completed promises past their retention, oldest first (none without a retention)."""
+        retention = self.route.retention_ms
+        if limit <= 0 or retention is None or not self.purge_due(now):
+            return []
+        assert self.store is not None, "partition is not open"
+        return self.store.completed_by(now - retention, limit)
+
     def persist(self, step: Step, changelog_end: int) -> None:
         """The step's transaction committed: write its changes and offsets to RocksDB in one batch."""
         assert self.store is not None, "partition is not open"
         version = self.version + len(step.effects.changed)
-        self.store.write(step.effects.persist, changelog_end, step.next_offset, step.now, version)
+        purged = step.effects.purged.values()
+        self.store.write(step.effects.persist, changelog_end, step.next_offset, step.now, version, purged)
         self.next_offset = step.next_offset
         self._recent.extend(enumerate(step.effects.changed, start=self.version + 1))
         self.version = version
@@ -218,6 +248,14 @@ class Partition:
         for promise in step.effects.changes.values():
             if promise.state == "PENDING" and (self.next_deadline is None or promise.timeout < self.next_deadline):
                 self.next_deadline = promise.timeout
+        retention = self.route.retention_ms
+        if purged:  # the next one to purge is read back (a purge step takes the oldest, maybe not all due)
+            self.next_purge = self._first_purge()
+        elif retention is not None:
+            for promise in step.effects.changes.values():
+                if promise.completed_on is not None:
+                    due = promise.completed_on + retention
+                    self.next_purge = due if self.next_purge is None else min(self.next_purge, due)
 
     # --- the committed state as the core reads it (effects.StoreView) ------------------------
 

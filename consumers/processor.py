@@ -178,7 +178,14 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     def new_partition(self, tp: TopicPartition) -> Partition:
         settings = self.settings
         assert self.data_dir is not None
-        route = Route(tp.partition, self.partition_count, settings.topics, settings.limits, settings.reply_prefixes)
+        route = Route(
+            tp.partition,
+            self.partition_count,
+            settings.topics,
+            settings.limits,
+            settings.reply_prefixes,
+            settings.retention_ms,
+        )
         return Partition(settings.kafka, self.data_dir, route, settings.max_batch, settings.max_batch_bytes)
 
     def dispatch(self, batches: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:

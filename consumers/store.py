@@ -8,12 +8,16 @@ never changes meaning, and the prefixes are prefix-free (tested):
                                          and its subscriptions, `dp.subscriptions`)
     b"t" + timeout (8 bytes BE) + id  -> b""   for every PENDING promise: deadlines in order
     b"c" + createdOn (8 bytes BE) + id -> b""  for every promise: search order (read backwards)
+    b"k" + completedOn (8 bytes BE) + id -> b"" for every completed promise: retention, oldest first
     b"o:changelog"                    -> next changelog offset the store reflects (8 bytes BE)
     b"o:commands"                     -> next command offset the store reflects (8 bytes BE)
     b"o:now"                          -> the latest batch time applied (epoch ms, 8 bytes BE)
     b"o:version"                      -> the partition's change version: promise changes applied so far
     b"o:format"                       -> the layout's version, `FORMAT`; a store of another format is
                                          rebuilt from the changelog when its partition opens
+
+A purged promise (retention) leaves no key behind: its changelog record is a tombstone, which the
+restore applies as a delete of the record and its index entries.
 
 The changelog carries, besides the promise records, one progress record per batch under the empty
 key (never a promise id: ids are non-empty) holding the next command offset, in the same
@@ -53,17 +57,20 @@ DEADLINE = b"t"
 DEADLINE_END = b"u"
 CREATED = b"c"
 CREATED_END = b"d"
+COMPLETED = b"k"
+COMPLETED_END = b"l"
 CHANGELOG_OFFSET = b"o:changelog"
 COMMAND_OFFSET = b"o:commands"
 LAST_NOW = b"o:now"
 VERSION = b"o:version"
 FORMAT_KEY = b"o:format"
-FORMAT: Final = b"2"
-"""Format 1 had no `c` index and no version; format 2 adds both."""
+FORMAT: Final = b"3"
+"""Format 1 had no `c` index and no version; format 2 adds both; format 3 the `k` index."""
 KEY_KINDS: Final[dict[str, bytes]] = {
     "record": RECORD,
     "deadline": DEADLINE,
     "created": CREATED,
+    "completed": COMPLETED,
     "changelog offset": CHANGELOG_OFFSET,
     "command offset": COMMAND_OFFSET,
     "last now": LAST_NOW,
@@ -87,6 +94,10 @@ def deadline_key(timeout: int, promise_id: str) -> bytes:
 
 def created_key(created_on: int, promise_id: str) -> bytes:
     return CREATED + TIMEOUT.pack(max(created_on, 0)) + promise_id.encode()
+
+
+def completed_key(completed_on: int, promise_id: str) -> bytes:
+    return COMPLETED + TIMEOUT.pack(max(completed_on, 0)) + promise_id.encode()
 
 
 def options() -> Options:
@@ -216,6 +227,27 @@ class PartitionStore:
             iterator.next()
         return found
 
+    def completed_by(self, end: int, limit: int) -> list[Promise]:
+        """Completed promises whose `completedOn` is at or before `end`, oldest first, at most `limit`."""
+        found: list[Promise] = []
+        bound = COMPLETED + TIMEOUT.pack(end + 1)
+        iterator = self._db.iter()
+        iterator.seek(COMPLETED)
+        while len(found) < limit and iterator.valid() and iterator.key() < bound:
+            raw = self._db.get(record_key(iterator.key()[1 + TIMEOUT.size :].decode()))
+            if raw is not None:
+                found.append(decode_promise(raw))
+            iterator.next()
+        return found
+
+    def first_completed(self) -> int | None:
+        """The earliest `completedOn` among completed promises, if any."""
+        iterator = self._db.iter()
+        iterator.seek(COMPLETED)
+        if iterator.valid() and iterator.key() < COMPLETED_END:
+            return int(TIMEOUT.unpack_from(iterator.key(), 1)[0])
+        return None
+
     def newest(self, after: Position | None) -> Iterator[tuple[Position, str]]:
         """Every promise's place in search order (newest first), strictly after `after`."""
         iterator = self._db.iter()
@@ -247,9 +279,13 @@ class PartitionStore:
         command_offset: int,
         now: int,
         version: int,
+        purged: Iterable[Promise] = (),
     ) -> None:
-        """Write a committed batch's records (with their encodings), index entries and offsets, atomically."""
+        """Write a committed batch's purges, then its records (with their encodings), index entries and
+        offsets, atomically (an id purged and created anew in one batch ends as the new record)."""
         batch = WriteBatch(raw_mode=True)
+        for gone in purged:
+            unstage(batch, gone.id, gone)
         for promise, value in records:
             stage(batch, promise.id, value, promise)
         batch.put(COMMAND_OFFSET, OFFSET.pack(command_offset))
@@ -260,11 +296,16 @@ class PartitionStore:
         self._db.write(batch)
 
     def write_raw(self, entries: Iterable[ChangelogEntry], changelog_offset: int) -> None:
-        """Restore path: changelog records as they are, then the offset. (The processor never deletes.)"""
+        """Restore path: changelog records as they are, a tombstone (a purge) as a delete, then the offset.
+        A record replacing another drops the index entries of the one it replaces."""
         batch = WriteBatch(raw_mode=True)
+        staged: dict[bytes, Indexed | None] = {}
         for offset, key, value, headers in entries:
             kind = dict(headers).get(KIND_HEADER)
-            if value is None or key is None:
+            if key is None or (key == PROGRESS_KEY and value is None):
+                continue
+            if value is None:
+                self._replace(batch, staged, key, None)
                 continue
             if kind is not None and kind not in KNOWN_KINDS:
                 self.skipped += 1
@@ -276,12 +317,30 @@ class PartitionStore:
                     batch.put(LAST_NOW, OFFSET.pack(progress.now))
                     batch.put(VERSION, OFFSET.pack(progress.version))
                 else:
-                    stage(batch, key.decode(), value, decode_indexed(value))
+                    self._replace(batch, staged, key, value)
             except (msgspec.DecodeError, UnicodeDecodeError) as error:
                 raise RestoreFailed(f"changelog record at offset {offset} is not one dp can read ({error})") from None
         batch.put(CHANGELOG_OFFSET, OFFSET.pack(changelog_offset))
         batch.put(FORMAT_KEY, FORMAT)
         self._db.write(batch)
+
+    def _replace(self, batch: WriteBatch, staged: dict[bytes, Indexed | None], key: bytes, value: bytes | None) -> None:
+        """Stage the record under `key` (None: delete it), unstaging what it replaces. A record replaces one
+        staged in this batch, or one in the store only when it is a tombstone: the changelog tombstones
+        a promise before its id is created again, so a put needs no read (restore stays write-only)."""
+        promise_id = key.decode()
+        if key in staged:
+            previous = staged[key]
+        elif value is None:
+            raw = self._db.get(record_key(promise_id))
+            previous = None if raw is None else decode_indexed(raw)
+        else:
+            previous = None
+        if previous is not None:
+            unstage(batch, promise_id, previous)
+        staged[key] = indexed = None if value is None else decode_indexed(value)
+        if value is not None and indexed is not None:
+            stage(batch, promise_id, value, indexed)
 
     def records(self) -> dict[str, Promise]:
         """Every record, for checks and tests (not for the hot path)."""
@@ -300,6 +359,7 @@ class Indexed(msgspec.Struct, gc=False, rename="camel"):
     state: str
     timeout: int
     created_on: int
+    completed_on: int | None = None
 
 
 decode_indexed = msgspec.json.Decoder(Indexed).decode
@@ -325,7 +385,8 @@ def progress_record(next_command_offset: int, now: int, version: int) -> bytes:
 
 
 def stage(batch: WriteBatch, promise_id: str, value: bytes, promise: Promise | Indexed) -> None:
-    """Put one record and keep the indexes in step: in search order always, by deadline exactly while PENDING."""
+    """Put one record and keep the indexes in step: in search order always, by deadline exactly while PENDING,
+    by completion time once completed."""
     batch.put(record_key(promise_id), value)
     batch.put(created_key(promise.created_on, promise_id), b"")
     index = deadline_key(promise.timeout, promise_id)
@@ -333,3 +394,14 @@ def stage(batch: WriteBatch, promise_id: str, value: bytes, promise: Promise | I
         batch.put(index, b"")
     else:
         batch.delete(index)
+        if promise.completed_on is not None:
+            batch.put(completed_key(promise.completed_on, promise_id), b"")
+
+
+def unstage(batch: WriteBatch, promise_id: str, promise: Promise | Indexed) -> None:
+    """Delete one record and every index entry it has."""
+    batch.delete(record_key(promise_id))
+    batch.delete(created_key(promise.created_on, promise_id))
+    batch.delete(deadline_key(promise.timeout, promise_id))
+    if promise.completed_on is not None:
+        batch.delete(completed_key(promise.completed_on, promise_id))

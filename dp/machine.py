@@ -104,6 +104,13 @@ def expire(promise: Promise, now: int) -> Outcome | None:
     return Outcome(TIMEDOUT, done, (Event("timedout", done, None),))
 
 
+def retention_over(promise: Promise, now: int, retention_ms: int | None) -> bool:
+    """Whether a promise is to be purged at `now`: completed, and kept `retention_ms` since (None: forever).
+    After the purge its id is Init again: a get finds nothing, a create makes a new promise."""
+    completed_on = promise.completed_on
+    return retention_ms is not None and completed_on is not None and completed_on + retention_ms <= now
+
+
 def reply_for(command: PromiseCommand, outcome: Outcome) -> Reply:
     """The reply to `command` given what `transition` made of it."""
     return Reply(command.request_id, op_name(command), command.id, outcome.ok, outcome.status, outcome.promise)

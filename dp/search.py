@@ -15,7 +15,7 @@ import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Final
 
@@ -245,9 +245,11 @@ def overlay(
     changed: Mapping[str, Promise],
     pattern: str,
     after: Position | None,
+    gone: Container[str] = (),
 ) -> Iterator[tuple[Position, Promise | None]]:
     """`stored` candidates (newest first) with this batch's `changed` records matching `pattern` in their
-    places: a record changed in the batch replaces its stored version, one created in it joins in order."""
+    places: a record changed in the batch replaces its stored version, one created in it joins in order,
+    and one the batch purged (`gone`) is left out."""
     matches = compile_pattern(pattern).fullmatch
     extra = sorted(
         ((position(p), p) for p in changed.values() if matches(p.id) and before(position(p), after)),
@@ -259,6 +261,6 @@ def overlay(
         while index < len(extra) and rank(extra[index][0]) > rank(place):
             yield extra[index]
             index += 1
-        if place.id not in changed:
+        if place.id not in changed and place.id not in gone:
             yield place, record
     yield from extra[index:]

@@ -119,6 +119,18 @@ class Settings:
         return cls(**values, **parts, **given)
 
 
+_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION: Final = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h|d)?")
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds from `30s`, `5m`, `1h`, `2d`, `250ms` or a plain number of seconds; ValueError otherwise."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
 def _parser(hint: Any) -> Callable[[str], Any]:
     """The type to parse a flag or variable with: the field's type, without `| None`."""
     options = [option for option in typing.get_args(hint) if option is not type(None)] or [hint]
@@ -202,12 +214,25 @@ class ProcessorSettings(Settings):
         DEFAULT_LIMITS.max_subscriptions,
         "most subscriptions one promise holds (waiting or notified; kept in its record)",
     )
+    retention: str = setting(
+        "",
+        "how long a completed promise is kept after it completed (e.g. 7d, 12h; empty: forever); after it the "
+        "promise is purged and its id is free again: get answers not_found, create makes a new promise",
+    )
     reply_topic_prefixes: str = setting(
         "", "comma-separated prefixes a command's replyTo must start with (default: any topic not the deployment's own)"
     )
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
+        if self.retention:
+            try:
+                duration_seconds(self.retention)
+            except ValueError:
+                raise BadSetting(
+                    f"retention {self.retention!r} is not a duration: use e.g. 7d, 12h or 30m in --retention or "
+                    "DP_RETENTION, or leave it empty to keep completed promises forever."
+                ) from None
         if not 1 <= self.max_subscriptions <= MAX_SUBSCRIPTIONS:
             raise BadSetting(
                 f"max_subscriptions must be 1 to {MAX_SUBSCRIPTIONS} (a client's waits take one per promise, and "
@@ -222,6 +247,11 @@ class ProcessorSettings(Settings):
             max_data_bytes=self.max_data_bytes,
             max_subscriptions=self.max_subscriptions,
         )
+
+    @property
+    def retention_ms(self) -> int | None:
+        """How long a completed promise is kept, in milliseconds; None: forever."""
+        return int(duration_seconds(self.retention) * 1000) if self.retention else None
 
     @property
     def reply_prefixes(self) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -79,9 +79,11 @@ def spawn(bootstrap_servers: str, topics: Topics, tmp_path: Path) -> Iterator[Ca
     started: list[ServeProcess] = []
     group = f"g-{uuid.uuid4().hex[:8]}"
 
-    def start(name: str = "a", clock_offset_ms: int = 0, group: str = group) -> ServeProcess:
+    def start(
+        name: str = "a", clock_offset_ms: int = 0, group: str = group, options: Sequence[str] = ()
+    ) -> ServeProcess:
         data, log = tmp_path / f"data-{name}", tmp_path / f"{name}.log"
-        process = ServeProcess(bootstrap_servers, topics, group, data, log, clock_offset_ms)
+        process = ServeProcess(bootstrap_servers, topics, group, data, log, clock_offset_ms, options)
         started.append(process.start())
         return process
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -44,8 +44,11 @@ class MemoryStore:
     def falling_due(self, start: int, end: int) -> Iterator[str]:
         return (p.id for p in self.records.values() if p.state == "PENDING" and start < p.timeout <= end)
 
-    def persist(self, persisted: list[tuple[Promise, bytes]], changed: list[str]) -> None:
-        """What persisting a step does to stored records: promises and their subscriptions."""
+    def persist(self, persisted: list[tuple[Promise, bytes]], changed: list[str], purged: Iterable[str] = ()) -> None:
+        """What persisting a step does to stored records: purges first, then promises and their subscriptions."""
+        for promise_id in purged:
+            self.records.pop(promise_id, None)
+            self.subscribed.pop(promise_id, None)
         self.commit({promise.id: promise for promise, _ in persisted}, changed)
         self.subscribed.update((promise.id, decode_subscribers(value)) for promise, value in persisted)
 

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,14 +89,16 @@ class ServeProcess:
         data_dir: Path,
         log: Path,
         clock_offset_ms: int = 0,
+        options: Sequence[str] = (),
     ) -> None:
-        """`clock_offset_ms` runs the processor with its wall clock that far off, as on a badly synced host."""
+        """`clock_offset_ms` runs the processor with its wall clock that far off, as on a badly synced host;
+        `options` are more `dp serve` flags."""
         self.command = [
             sys.executable, *launcher(clock_offset_ms), "serve",
             "--bootstrap-servers", bootstrap_servers,
             "--topic-prefix", topics.prefix,
             "--group", group,
-            "--data-dir", str(data_dir),
+            "--data-dir", str(data_dir), *options,
         ]  # fmt: skip
         self.data_dir = data_dir
         self.group = group

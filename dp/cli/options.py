@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from dp.settings import Kafka, Topics, add_flags, from_flags
+from dp.settings import Kafka, Topics, add_flags, duration_seconds, from_flags
 
 EXIT_OK, EXIT_KO, EXIT_USAGE = 0, 1, 2
 EXIT_CODES: Final = "exit status: 0 ok, 1 refused (a KO status, explained on stderr), 2 usage or connection error"
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 Subcommands = argparse._SubParsersAction
-
-_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION: Final = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h|d)?")
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +48,7 @@ def service_logs(level: str) -> None:
 
 def duration(text: str) -> float:
     """Seconds from `30s`, `5m`, `1h`, `2d`, `250ms` or a plain number of seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 30s, 5m, 1h or 2d")
-    return float(match[1]) * _UNITS[match[2] or "s"]
+    try:
+        return duration_seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 30s, 5m, 1h or 2d") from None

@@ -71,5 +71,45 @@ def test_a_store_of_the_previous_format_is_outdated_and_a_new_one_is_not(tmp_pat
     assert not store.outdated
     store._db.delete(FORMAT_KEY)  # as format 1 left it: offsets, no format key
     assert store.outdated
-    store._db.put(FORMAT_KEY, b"3")
+    store._db.put(FORMAT_KEY, b"2")
     assert store.outdated
+
+
+def keys(store: PartitionStore) -> list[bytes]:
+    """Every key of the store but its offsets: records and index entries."""
+    iterator = store._db.iter()
+    iterator.seek_to_first()
+    found = []
+    while iterator.valid():
+        if not iterator.key().startswith(b"o:"):
+            found.append(iterator.key())
+        iterator.next()
+    return found
+
+
+def completed(id: str, created_on: int, completed_on: int) -> Promise:
+    return msgspec.structs.replace(PROMISE, id=id, state="RESOLVED", created_on=created_on, completed_on=completed_on)
+
+
+def test_completed_promises_are_found_oldest_first_and_a_purge_leaves_no_key(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path)
+    done = [completed("a", 1, 30), completed("b", 2, 10), completed("c", 3, 20)]
+    store.write([(p, encode(p)) for p in done], 1, 1, 1_000, 3)
+    assert store.first_completed() == 10
+    assert [p.id for p in store.completed_by(20, 10)] == ["b", "c"]
+    assert [p.id for p in store.completed_by(30, 1)] == ["b"]
+    store.write([], 2, 2, 1_000, 5, purged=done[1:])
+    assert set(store.records()) == {"a"} and store.first_completed() == 30
+    assert all(key.endswith(b"a") for key in keys(store))
+
+
+def test_a_tombstone_restores_as_a_purge_and_the_id_can_live_again(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path)
+    old, again = completed("a", 1, 5), msgspec.structs.replace(PROMISE, created_on=50)
+    store.write_raw([(0, b"a", encode(old), []), (1, b"b", encode(completed("b", 2, 6)), [])], 2)
+    store.write_raw([(2, b"b", None, [])], 3)  # tombstoned in a later restore batch: read from the store
+    store.write_raw([(3, b"a", None, []), (4, b"a", encode(again), [])], 5)  # purged and created in one batch
+    assert store.records() == {"a": again}
+    assert [id for _, id in store.newest(None)] == ["a"] and store.first_completed() is None
+    assert sorted(keys(store)) == sorted([b"pa", b"c" + (50).to_bytes(8, "big") + b"a",
+                                          b"t" + (5_000).to_bytes(8, "big") + b"a"])  # fmt: skip

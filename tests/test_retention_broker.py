@@ -1,0 +1,55 @@
+"""Retention through Kafka: completed promises past their retention leave RocksDB and every restore; pending
+ones stay; a purged id can be created anew."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from consumers.store import PartitionStore
+from dp.client import Promises
+from dp.settings import Kafka, Topics
+from tests.support import TEST_PARTITIONS, ServeProcess, unique
+
+
+def stored(data_dir: Path, group: str) -> dict[str, str]:
+    """Every record of every partition store under `data_dir`, id → state (the processor stopped)."""
+    states: dict[str, str] = {}
+    for partition in range(TEST_PARTITIONS):
+        path = data_dir / group / f"partition-{partition}"
+        if path.exists():
+            store = PartitionStore(path)
+            try:
+                states.update((id, promise.state) for id, promise in store.records().items())
+            finally:
+                store.close()
+    return states
+
+
+async def test_completed_promises_are_purged_after_the_retention_and_pending_ones_stay(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    first = spawn("a", options=("--retention", "2s"))
+    done, pending = [unique("done") for _ in range(10)], [unique("pending") for _ in range(5)]
+    async with Promises(kafka=kafka, topics=topics) as promises:
+        await asyncio.gather(*(promises.create(id, timeout=3600) for id in [*done, *pending]))
+        await asyncio.gather(*(promises.resolve(id) for id in done))
+        deadline = time.monotonic() + 60
+        while {(await promises.get(id)).status for id in done} != {"not_found"}:
+            assert time.monotonic() < deadline, "the completed promises were not purged in time"
+            await asyncio.sleep(0.5)  # the purge runs on the processor's clock, seconds after the completion
+        assert {(await promises.get(id)).status for id in pending} == {"found"}
+        again = await promises.create(done[0], timeout=3600)
+        assert again.status == "created" and again.promise is not None and again.promise.state == "PENDING"
+    assert first.stop() == 0
+    group = first.group
+    assert stored(tmp_path / "data-a", group) == {id: "PENDING" for id in [*pending, done[0]]}
+
+    fresh = spawn("b", options=("--retention", "2s"))  # an empty data dir: everything from the changelog
+    async with Promises(kafka=kafka, topics=topics) as promises:
+        assert (await promises.get(done[1])).status == "not_found"
+        assert (await promises.get(done[0])).status == "found"
+    assert fresh.stop() == 0
+    assert stored(tmp_path / "data-b", group) == {id: "PENDING" for id in [*pending, done[0]]}
