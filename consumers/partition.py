@@ -68,6 +68,7 @@ class Partition:
         self.source = TopicPartition(route.topics.commands, route.partition)
         self.changelog = TopicPartition(route.topics.changelog, route.partition)
         self.store_path = data_dir.partition_path(route.partition)
+        self.block_cache = data_dir.block_cache
         self.store: PartitionStore | None = None
         self.next_offset = 0
         self.next_deadline: int | None = None
@@ -93,7 +94,7 @@ class Partition:
         """
         began = time.monotonic()
         if self.store is None:
-            self.store = await asyncio.to_thread(PartitionStore, self.store_path)
+            self.store = await asyncio.to_thread(PartitionStore, self.store_path, self.block_cache)
         commands_end = (await consumer.end_offsets([self.source]))[self.source]
         try:
             if self.store.outdated:

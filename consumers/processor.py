@@ -69,7 +69,7 @@ class Processor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def run(self) -> None:
         """Serve until `stop()` (SIGTERM/SIGINT): end the transaction in flight, close stores, return."""
         self.partition_count = await self.wait_for_topics()
-        self.data_dir = DataDir(self.settings.data_dir, self.settings.group)
+        self.data_dir = DataDir(self.settings.data_dir, self.settings.group, self.settings.block_cache_mb << 20)
         settings = self.settings
         committer_task: asyncio.Task[None] | None = None
         try:

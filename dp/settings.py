@@ -210,6 +210,9 @@ class ProcessorSettings(Settings):
     )
     max_record_bytes: int = setting(DEFAULT_LIMITS.max_record_bytes, "largest command accepted, in bytes")
     max_data_bytes: int = setting(DEFAULT_LIMITS.max_data_bytes, "largest decoded param or value data, in bytes")
+    block_cache_mb: int = setting(
+        64, "RocksDB block cache shared by this processor's partitions, in MiB (index and bloom filter blocks too)"
+    )
     max_subscriptions: int = setting(
         DEFAULT_LIMITS.max_subscriptions,
         "most subscriptions one promise holds (waiting or notified; kept in its record)",
@@ -233,6 +236,8 @@ class ProcessorSettings(Settings):
                     f"retention {self.retention!r} is not a duration: use e.g. 7d, 12h or 30m in --retention or "
                     "DP_RETENTION, or leave it empty to keep completed promises forever."
                 ) from None
+        if self.block_cache_mb < 1:
+            raise BadSetting("block_cache_mb must be at least 1: fix --block-cache-mb or DP_BLOCK_CACHE_MB.")
         if not 1 <= self.max_subscriptions <= MAX_SUBSCRIPTIONS:
             raise BadSetting(
                 f"max_subscriptions must be 1 to {MAX_SUBSCRIPTIONS} (a client's waits take one per promise, and "

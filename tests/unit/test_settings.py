@@ -132,3 +132,12 @@ def test_the_subscription_bound_keeps_a_record_within_what_kafka_takes() -> None
     assert ProcessorSettings(max_subscriptions=7).limits.max_subscriptions == 7
     with pytest.raises(BadSetting, match="--max-subscriptions"):
         ProcessorSettings(max_subscriptions=MAX_SUBSCRIPTIONS + 1)
+
+
+def test_retention_and_the_block_cache_are_checked_when_settings_are_made() -> None:
+    assert ProcessorSettings(retention="7d").retention_ms == 7 * 86_400_000
+    assert ProcessorSettings().retention_ms is None
+    with pytest.raises(BadSetting, match="--retention"):
+        ProcessorSettings(retention="a week")
+    with pytest.raises(BadSetting, match="--block-cache-mb"):
+        ProcessorSettings(block_cache_mb=0)
