@@ -139,3 +139,20 @@ def test_flags_of_the_other_mode_are_refused_in_one_sentence(flags: list[str], n
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and named in result.stderr
+
+
+def test_a_quick_soak_samples_disk_changelog_and_restore_and_plots_them(bootstrap_servers: str, tmp_path: Path) -> None:
+    plot = tmp_path / "soak.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "dp.cli", "bench", "--soak", "--quick", "--soak-seconds", "12", "--soak-interval", "4",
+         "--soak-rate", "200", "--partitions", "4", "--json", "--plot", str(plot), "--bootstrap-servers",
+         bootstrap_servers],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["rate"], report["retention_s"], report["partitions"]) == (200, 10.0, 4)
+    samples = report["samples"]
+    assert len(samples) >= 2 and samples[-1]["promises"] > samples[0]["promises"] > 0
+    assert all(s["rocksdb_bytes"] > 0 and s["changelog_records"] > 0 and s["restore_seconds"] > 0 for s in samples)
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dp import bench_http, bench_waits
+from dp import bench_http, bench_soak, bench_waits
 from dp.bench import BenchOptions, plot, render, require_plotting, run_bench
 from dp.bench_http import HttpBenchOptions, run_http_bench
+from dp.bench_soak import SoakOptions, run_soak
 from dp.bench_waits import WaitBenchOptions, run_wait_bench
 from dp.cli.options import EXIT_KO, EXIT_OK, Subcommands, add_connection_flags, kafka_from, topics_from
 
@@ -118,6 +119,18 @@ def register(commands: Subcommands[argparse.ArgumentParser]) -> None:
         "RSS, its Kafka connections, and p50/p99 from each completion to its wait returning.",
     )
     waits.add_argument("--waits", type=int, metavar="N", help="await N promises from one client (e.g. 100000)")
+    soak = parser.add_argument_group(
+        "soak mode",
+        "--soak runs only this: one processor with --retention on fresh topics whose changelog compacts "
+        "within a minute; promises are created and resolved at a steady rate, and at intervals the "
+        "processor's RocksDB size, the changelog's records and a full restore's time are recorded; with "
+        "--plot, drawn against time.",
+    )
+    soak.add_argument("--soak", action="store_true", help="run the soak (at least 10 minutes by default)")
+    soak.add_argument("--soak-seconds", type=seconds(positive=True), default=None, help="length (default 600)")
+    soak.add_argument("--soak-rate", type=int, default=None, help="promises a second (default 500)")
+    soak.add_argument("--soak-interval", type=seconds(positive=True), default=None, help="between samples (30)")
+    soak.add_argument("--soak-retention", type=seconds(positive=True), default=None, help="retention (10)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -196,6 +209,8 @@ def refuse(message: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.soak:
+        return await run_soak_mode(args)
     if args.waits is not None:
         return await run_waits(args)
     if args.http:
@@ -222,6 +237,30 @@ async def run(args: argparse.Namespace) -> int:
     print(render(report, args.json))
     if args.plot is not None:
         plot(report, args.plot)
+    return EXIT_OK
+
+
+async def run_soak_mode(args: argparse.Namespace) -> int:
+    flags = {**PIPELINE_ONLY, **HTTP_ONLY, "http": "--http", "waits": "--waits", "spawn": "--spawn"}
+    flags.pop("plot")
+    if mixed := given(args, flags):
+        refuse(f"--soak runs only the soak: leave out {', '.join(mixed)}, or run them without --soak.")
+    if args.plot is not None:
+        require_plotting()
+    quick = args.quick
+    options = SoakOptions(
+        kafka=kafka_from(args),
+        rate=args.soak_rate or SoakOptions.rate,
+        seconds=args.soak_seconds or (20.0 if quick else SoakOptions.seconds),
+        interval=args.soak_interval or (5.0 if quick else SoakOptions.interval),
+        retention_s=args.soak_retention or SoakOptions.retention_s,
+        partitions=args.partitions,
+        progress=not args.json,
+    )
+    report = await run_soak(options)
+    print(bench_soak.render(report, args.json))
+    if args.plot is not None:
+        bench_soak.plot(report, args.plot)
     return EXIT_OK
 
 
