@@ -11,7 +11,10 @@ from pathlib import Path
 from consumers.store import PartitionStore
 from dp.client import Promises
 from dp.settings import Kafka, Topics
+from dp.topics import config_of
 from tests.support import TEST_PARTITIONS, ServeProcess, unique
+from tests.test_commit_path import set_configs
+from tests.wire_client import read_topic
 
 
 def stored(data_dir: Path, group: str) -> dict[str, str]:
@@ -53,3 +56,23 @@ async def test_completed_promises_are_purged_after_the_retention_and_pending_one
         assert (await promises.get(done[0])).status == "found"
     assert fresh.stop() == 0
     assert stored(tmp_path / "data-b", group) == {id: "PENDING" for id in [*pending, done[0]]}
+
+
+async def test_compaction_then_removes_purged_promises_from_the_changelog(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]
+) -> None:
+    """With the changelog compacting within seconds, a purged promise's records and then its tombstone go."""
+    fast = {"segment.ms": "3000", "delete.retention.ms": "3000", "min.cleanable.dirty.ratio": "0.01"}
+    await set_configs(kafka, topics.changelog, **{**config_of(topics, topics.changelog), **fast})
+    spawn("a", options=("--retention", "1s"))
+    done = [unique("gone") for _ in range(10)]
+    async with Promises(kafka=kafka, topics=topics) as promises:
+        await asyncio.gather(*(promises.create(id, timeout=3600) for id in done))
+        await asyncio.gather(*(promises.resolve(id) for id in done))
+        deadline = time.monotonic() + 180
+        while any(record.key.decode() in done for record in await read_topic(kafka, topics.changelog) if record.key):
+            assert time.monotonic() < deadline, "compaction did not remove the purged promises in time"
+            # New records (progress records, on every partition) roll the segments the log cleaner may compact.
+            await asyncio.gather(*(promises.get(f"tick-{n}") for n in range(4 * TEST_PARTITIONS)))
+            await asyncio.sleep(1.0)
+        assert {(await promises.get(id)).status for id in done} == {"not_found"}
