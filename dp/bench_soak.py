@@ -68,13 +68,18 @@ class SoakReport:
     samples: list[Sample] = field(default_factory=list)
 
     def growth(self) -> dict[str, float]:
-        """Each figure at the end over its value at the first sample after a minute (flat: under 2)."""
-        base = next((s for s in self.samples if s.at_s >= 60), None)
-        last = self.samples[-1] if self.samples else None
-        if base is None or last is None:
+        """Each figure's peak over the last `window` of the run over its peak in the `window` after the first
+        minute (flat: under 2; linear growth: about the run's length over the window). Peaks, not single
+        samples: RocksDB's size is a sawtooth (memtables flush, level-0 files pile up and compact away), and
+        a sample lands anywhere on it."""
+        settled = [s for s in self.samples if s.at_s >= 60]
+        if len(settled) < 2:
             return {}
+        window = max((settled[-1].at_s - settled[0].at_s) / 3, 1.0)
+        first = [s for s in settled if s.at_s < settled[0].at_s + window]
+        last = [s for s in settled if s.at_s > settled[-1].at_s - window]
         return {
-            name: round(getattr(last, name) / max(getattr(base, name), 1e-9), 2)
+            name: round(max(getattr(s, name) for s in last) / max(max(getattr(s, name) for s in first), 1e-9), 2)
             for name in ("rocksdb_bytes", "changelog_records", "restore_seconds")
         }
 
@@ -184,7 +189,8 @@ def summary(report: SoakReport) -> str:
         *(f"  {describe(sample)}" for sample in report.samples),
     ]
     if growth := report.growth():
-        lines.append("  at the end over after the first minute: " + ", ".join(f"{k} x{v}" for k, v in growth.items()))
+        lines.append("  peak of the last third over peak of the first (after a minute): "
+                     + ", ".join(f"{k} x{v}" for k, v in growth.items()))  # fmt: skip
     return "\n".join(lines)
 
 

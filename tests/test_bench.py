@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dp.bench_http import CPU_SOURCES, closed_loop
+from dp.bench_soak import Sample, SoakReport
 from tests.support import REPO
 
 FIELDS = {
@@ -156,3 +157,14 @@ def test_a_quick_soak_samples_disk_changelog_and_restore_and_plots_them(bootstra
     assert len(samples) >= 2 and samples[-1]["promises"] > samples[0]["promises"] > 0
     assert all(s["rocksdb_bytes"] > 0 and s["changelog_records"] > 0 and s["restore_seconds"] > 0 for s in samples)
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_soak_growth_compares_peaks_so_a_sawtooth_is_flat_and_a_line_is_not() -> None:
+    def report(sizes: list[int]) -> SoakReport:
+        samples = [Sample(60.0 + 30 * n, 1_000 * n, size, size, 1.0) for n, size in enumerate(sizes)]
+        return SoakReport(500, 10.0, 8, samples)
+
+    sawtooth = report([10, 80, 30, 85, 12, 70, 40, 90, 15, 75])
+    line = report([10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
+    assert sawtooth.growth()["rocksdb_bytes"] < 2 <= line.growth()["rocksdb_bytes"]
+    assert SoakReport(500, 10.0, 8, []).growth() == {}
