@@ -25,6 +25,9 @@ SUMMARY = re.compile(r"^faults=(\d+) commands=(\d+) replies=(\d+) lost=(\d+) dup
 MIN_FAULTS = 4
 NOTIFICATIONS = re.compile(r"^  notifications: expected (\d+), found (\d+)", re.MULTILINE)
 SUBSCRIBES = re.compile(r"^  subscribes: .*$", re.MULTILINE)
+PURGES = re.compile(
+    r"^  purges \(changelog tombstones, replayed\): (\d+) of (\d+) ids .*; (\d+) ids created anew", re.MULTILINE
+)
 
 
 def run_chaos(work: Path) -> tuple[int, str]:
@@ -61,6 +64,15 @@ def assert_subscriptions_exercised(output: str) -> None:
         assert count and int(count.group(1)) > 0, subscribes.group(0)
 
 
+def assert_purges_exercised(output: str) -> None:
+    """The processors ran with a 5 s retention: completed promises were purged (each judged by the replay
+    at its step) and some of their ids created anew, all among the faults."""
+    purges = PURGES.search(output)
+    assert purges, output[-4000:]
+    purged, _, recreated = map(int, purges.groups())
+    assert purged > 0 and recreated > 0, purges.group(0)
+
+
 def test_chaos_run_loses_nothing_duplicates_nothing_and_breaks_no_rule(tmp_path: Path) -> None:
     work = tmp_path / "chaos"
     code, output = run_chaos(work)
@@ -74,5 +86,6 @@ def test_chaos_run_loses_nothing_duplicates_nothing_and_breaks_no_rule(tmp_path:
     assert commands >= 10_000 and replies == commands, last
     assert "1 zombie, 1 lost disk, 1 broker kill -9" in output, output[-4000:]
     assert_subscriptions_exercised(output)
+    assert_purges_exercised(output)
     # Kept on failure (logs, stores, broker data, run.json: `scripts/chaos --reverify DIR`).
     shutil.rmtree(work, ignore_errors=True)

@@ -228,7 +228,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def serve_command(bootstrap: str, topics: Topics, group: str, data_dir: Path, limits: Limits) -> list[str]:
+def serve_command(
+    bootstrap: str, topics: Topics, group: str, data_dir: Path, limits: Limits, retention: str = ""
+) -> list[str]:
+    """`dp serve` for one slot; `retention` as `--retention` takes it ("": none)."""
     return [
         sys.executable, "-m", "dp.cli", "serve",
         "--bootstrap-servers", bootstrap,
@@ -237,6 +240,7 @@ def serve_command(bootstrap: str, topics: Topics, group: str, data_dir: Path, li
         "--data-dir", str(data_dir),
         "--max-record-bytes", str(limits.max_record_bytes),
         "--max-data-bytes", str(limits.max_data_bytes),
+        *(("--retention", retention) if retention else ()),
     ]  # fmt: skip
 
 

@@ -14,6 +14,10 @@ The replay then continues from the record the reply carries, so the state it hol
 fields included, and every later comparison is plain equality. Subscriptions are replayed alongside
 (`tests/chaos/notifications.py`): a subscribe that leaves its subscription waiting states its `now`
 in the reply (the subscription's `createdOn`).
+
+Purges (retention) come from the changelog (`tests/chaos/purges.py`), each with the command offset its
+step starts at and the step's `now`: the replay applies it there, before that command, and judges it
+(a completed record whose retention is over at that `now`); the id is Init again afterwards.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from typing import TYPE_CHECKING
 
 from aiokafka.structs import ConsumerRecord
 
-from dp.machine import expire
+from dp.machine import expire, retention_over
 from dp.subscriptions import NONE, Subscribers
 from dp.wire import Command, Event, Promise, Reply, Subscribe, decode_reply, op_name
 from tests.chaos.notifications import Judged, Notice, completed, judge
+from tests.chaos.purges import Purge
 
 if TYPE_CHECKING:
     from tests.chaos.verify import Verdict
@@ -39,10 +44,13 @@ GRACE_MS = 2_000
 class Replayer:
     """Judges every valid command of one partition in log order against its reply (see module doc)."""
 
-    def __init__(self, verdict: Verdict, replies: dict[str, list[ConsumerRecord]], limit: int) -> None:
+    def __init__(
+        self, verdict: Verdict, replies: dict[str, list[ConsumerRecord]], limit: int, retention_ms: int | None = None
+    ) -> None:
         self.verdict = verdict
         self.replies = replies
         self.limit = limit
+        self.retention_ms = retention_ms
         self.state: dict[str, Promise] = {}
         self.subscribers: dict[str, Subscribers] = {}
         self.events: dict[str, list[Event]] = defaultdict(list)
@@ -51,6 +59,13 @@ class Replayer:
         self.refused: list[ConsumerRecord] = []
         self.ambiguous: Counter[str] = Counter()
         self.judged = 0
+        self.purged: Counter[str] = Counter()
+        """Purges per id."""
+        self.gone: set[str] = set()
+        """Ids purged and not created since."""
+        self.recreated = 0
+        self.lateness: list[int] = []
+        """Per purge, how long after its retention ran out its step came (ms)."""
 
     def apply(self, record: ConsumerRecord, command: Command) -> None:
         pending = self.replies.get(command.request_id or "")
@@ -77,6 +92,9 @@ class Replayer:
         self.subscribers[command.id] = judged.subscribers
         self.events[command.id].extend(judged.outcome.events)
         self.notices.extend(judged.notices)
+        if command.id in self.gone and any(event.type == "created" for event in judged.outcome.events):
+            self.gone.discard(command.id)
+            self.recreated += 1
         if isinstance(command, Subscribe):
             self.count_subscribe(judged, record)
         self.judged += 1
@@ -111,6 +129,41 @@ class Replayer:
             self.ambiguous["low" if matches(reply, at_low, command) else "high"] += 1
         return [at_low, at_high]
 
+    def purge(self, purge: Purge) -> None:
+        """A tombstone, at the start of its step: legitimate only for a completed record whose retention is
+        over at the step's `now`. A pending one due by then was timed out by the processor (actively, in an
+        earlier step): it is first timed out here too. Applied whatever the verdict, as the processor did."""
+        where = (f"{purge.id!r} tombstone at changelog {purge.partition}:{purge.offset} (step at command offset "
+                 f"{purge.before}, now {purge.now})")  # fmt: skip
+        prior = self.state.get(purge.id)
+        if prior is None:
+            self.verdict.violate("purge of a promise the replay does not have", where)
+            return
+        if prior.state == "PENDING" and prior.timeout <= purge.now:
+            self.time_out(purge.id, prior, purge.now)
+            prior = self.state[purge.id]
+        if prior.state == "PENDING":
+            self.verdict.violate("purge of a pending promise", f"{where}: {describe(prior)}")
+        elif not retention_over(prior, purge.now, self.retention_ms):
+            self.verdict.violate(
+                "purge before its retention was over", f"{where}: {describe(prior)}, retention {self.retention_ms}"
+            )
+        elif self.retention_ms is not None and prior.completed_on is not None:
+            self.lateness.append(purge.now - prior.completed_on - self.retention_ms)
+        del self.state[purge.id]
+        self.subscribers.pop(purge.id, None)
+        self.purged[purge.id] += 1
+        self.gone.add(purge.id)
+
+    def time_out(self, promise_id: str, promise: Promise, now: int) -> None:
+        """The active timeout no command observed: its event and its notifications."""
+        outcome = expire(promise, now)
+        assert outcome is not None and outcome.promise is not None
+        self.state[promise_id] = outcome.promise
+        self.events[promise_id].extend(outcome.events)
+        notices, self.subscribers[promise_id] = completed(outcome, self.subscribers.get(promise_id, NONE))
+        self.notices.extend(notices)
+
     def finish(self, stopped_ms: int, changelog: Mapping[str, tuple[int, Promise]]) -> None:
         """Active timeouts that no later command observed: due ones must have fired by the end."""
         for promise_id, promise in list(self.state.items()):
@@ -118,12 +171,7 @@ class Replayer:
                 continue
             if promise.timeout + GRACE_MS > stopped_ms and changelog.get(promise_id, (0, promise))[1] == promise:
                 continue  # due within the grace period before the end: may still be pending
-            outcome = expire(promise, stopped_ms)
-            assert outcome is not None and outcome.promise is not None
-            self.state[promise_id] = outcome.promise
-            self.events[promise_id].extend(outcome.events)
-            notices, self.subscribers[promise_id] = completed(outcome, self.subscribers.get(promise_id, NONE))
-            self.notices.extend(notices)
+            self.time_out(promise_id, promise, stopped_ms)
 
 
 def stamp(reply: Reply | None, command: Command) -> int | None:

@@ -1,6 +1,6 @@
 """`scripts/chaos`: a bounded chaos run with its own broker, ending in one summary line.
 
-    scripts/chaos [--commands N] [--seconds S] [--processors P] [--seed N] [--ci] ...
+    scripts/chaos [--commands N] [--seconds S] [--processors P] [--seed N] [--retention 5s] [--ci] ...
 
 Phases: start a broker (scripts/kafka, free loopback port, temp data dir), create fresh topics, start
 the processors; then, until `--commands` are sent or `--seconds` have passed, the workload, the
@@ -36,7 +36,7 @@ from pathlib import Path
 from aiokafka.admin import NewTopic
 
 from dp import kafka as clients
-from dp.settings import Kafka, Topics
+from dp.settings import Kafka, Topics, duration_seconds
 from dp.topics import TIMESTAMPS, create_topics, wait_until_ready
 from dp.wire import Limits
 from tests.chaos.cluster import Broker, Cluster, ClusterError, Processor, free_port, poll_until, serve_command
@@ -74,6 +74,22 @@ class Options:
     keep: bool
     calm: bool
     reverify: Path | None
+    retention: str = ""
+    """The processors' `--retention` ("": none, completed promises are kept forever)."""
+
+
+def retention_ms(text: str) -> int | None:
+    """A retention in ms; None for none ("" or 0: this run's way of saying forever)."""
+    ms = int(duration_seconds(text) * 1000) if text.strip() else 0
+    return ms or None
+
+
+def retention_flag(text: str) -> str:
+    """argparse type: a duration `dp serve` takes, or "" / 0 for none."""
+    try:
+        return text.strip() if retention_ms(text) is not None else ""
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 5s, 1m; 0 or empty: none)") from None
 
 
 # The reduced run of `scripts/test` (tests/test_chaos.py): about 90 s, every kind of fault once or more.
@@ -127,6 +143,13 @@ def parse_args(argv: list[str] | None) -> Options:
         metavar="WORK_DIR",
         help="judge a kept run again from its work dir (restarts its broker; runs nothing)",
     )
+    parser.add_argument(
+        "--retention",
+        type=retention_flag,
+        default="5s",
+        help="the processors' --retention, short so that completed promises are purged (and their ids "
+        "created anew) all through the run and its faults; 0 or empty: keep them forever (default %(default)s)",
+    )
     parser.add_argument("--calm", action="store_true", help="no faults: the same load and checks, as a baseline")
     parser.add_argument("--ci", action="store_true", help="the reduced run of the test suite (about 90 s)")
     args = parser.parse_args(argv)
@@ -142,6 +165,7 @@ def parse_args(argv: list[str] | None) -> Options:
         seed=args.seed if args.seed is not None else random.randrange(1_000_000),
         kill_every=(args.kill_min, args.kill_max), reply_timeout=args.reply_timeout, short_max=args.short_max,
         work_dir=args.reverify or args.work_dir, keep=args.keep, calm=args.calm, reverify=args.reverify,
+        retention=args.retention,
     )  # fmt: skip
 
 
@@ -182,6 +206,7 @@ class Run:
         names = "abc"[: options.processors]
         port = free_port()
         self.saved_faults: dict[str, object] = {}
+        self.retention = options.retention
         if options.reverify is not None:
             names, port = self.load()
         broker = Broker(self.work / "kafka", port)
@@ -198,7 +223,7 @@ class Run:
 
     def slot(self, name: str) -> Processor:
         data = self.work / f"data-{name}"
-        command = serve_command(self.kafka.bootstrap_servers, self.topics, self.group, data, LIMITS)
+        command = serve_command(self.kafka.bootstrap_servers, self.topics, self.group, data, LIMITS, self.retention)
         return Processor(name, command, data, self.work / f"{name}.log")
 
     async def execute(self) -> None:
@@ -206,7 +231,7 @@ class Run:
         say(f"chaos: seed={options.seed} commands<={options.commands} seconds={options.seconds:.0f} "
             f"processors={options.processors} partitions={options.partitions} clients={options.clients}x"
             f"{options.sessions} ids={options.ids}x{options.renewals + 1} hostile={options.hostile} "
-            f"work={self.work}")  # fmt: skip
+            f"retention={self.retention or 'none'} work={self.work}")  # fmt: skip
         took = await self.cluster.broker.start()
         say(f"broker up on {self.kafka.bootstrap_servers} in {took:.1f}s")
         await create_topics(self.kafka, self.topics, options.partitions)
@@ -257,6 +282,7 @@ class Run:
             attempt = Attempt(**fields, position=(raw[0], raw[1]) if raw else None)
             self.ledger.attempts[attempt.request_id] = attempt
         self.saved_faults = meta.get("faults", {})
+        self.retention = meta.get("retention", "")
         return "".join(meta["processors"]), int(meta["port"])
 
     async def load_and_faults(self, clients: list[Client], replies: Replies) -> None:
@@ -353,13 +379,15 @@ class Run:
 
     def context(self) -> Context:
         return Context(self.kafka, self.topics, self.partitions, LIMITS, self.group, self.ledger, self.cluster,
-                       self.final_gets, self.stopped_ms, self.cluster.broker.data / "server.log")  # fmt: skip
+                       self.final_gets, self.stopped_ms, self.cluster.broker.data / "server.log",
+                       retention_ms(self.retention))  # fmt: skip
 
     def save(self) -> None:
         """What `--reverify` needs to judge this run again from its work dir, without running it."""
         meta = {
             "seed": self.options.seed, "group": self.group, "prefix": self.topics.prefix,
             "port": self.cluster.broker.port, "partitions": self.partitions, "stopped_ms": self.stopped_ms,
+            "retention": self.retention,
             "processors": [p.name for p in self.cluster.processors], "final_gets": sorted(self.final_gets),
             "retries": self.ledger.retries, "gave_up": self.ledger.gave_up,
             "attempts": [dataclasses.asdict(a) for a in self.ledger.attempts.values()],

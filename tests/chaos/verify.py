@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +29,12 @@ from dp.wire import (
     Limits,
     Promise,
     decode_event,
-    decode_promise,
     decode_reply,
 )
 from tests.chaos.accept import classify, home_partition, recoverable_request_id, salvaged_request_id
 from tests.chaos.cluster import Cluster
 from tests.chaos.notifications import check_subscriptions, is_notification, latest_subscribers
+from tests.chaos.purges import Purge, check_uncompacted, find_purges, kept_too_long, latest
 from tests.chaos.replayer import GRACE_MS, Replayer, describe
 from tests.chaos.workload import Ledger
 from tests.wire_client import read_topic
@@ -111,15 +111,6 @@ async def topic_sizes(kafka: Kafka) -> dict[str, int]:
         await consumer.stop()
 
 
-def latest(changelog: Iterable[ConsumerRecord]) -> dict[str, tuple[int, Promise]]:
-    """The compacted view: the last record per key, with the partition it was on."""
-    return {
-        record.key.decode(): (record.partition, decode_promise(record.value))
-        for record in changelog
-        if record.key  # the empty key holds the processor's progress record, not a promise
-    }
-
-
 async def overdue_pending(kafka: Kafka, topics: Topics, at_ms: int) -> list[str]:
     """Promises the changelog still shows PENDING although their timeout passed more than 2 s before `at_ms`."""
     records = latest(await read_topic(kafka, topics.changelog, seconds=300))
@@ -140,6 +131,8 @@ class Context:
     final_gets: set[str]
     stopped_ms: int
     broker_log: Path
+    retention_ms: int | None = None
+    """The processors' retention (None: they keep completed promises forever)."""
 
 
 async def verify(context: Context, verdict: Verdict) -> None:
@@ -152,9 +145,12 @@ async def verify(context: Context, verdict: Verdict) -> None:
     check_replies(verdict, logs, valid, bad, replies, twice)
     check_ledger(verdict, context.ledger, logs.commands)
     changelog = latest(logs.changelog)
-    replayed = replay(verdict, valid, replies, context, changelog, twice)
+    purges = find_purges(verdict, logs.changelog, context.partitions)
+    check_uncompacted(verdict, context.broker_log.parent / "logs", context.topics.changelog)
+    replayed = replay(verdict, valid, replies, context, changelog, twice, purges)
     check_events(verdict, logs.events, replayed, context.partitions)
     check_final(verdict, replayed.state, changelog, context)
+    kept_too_long(verdict, changelog, context.retention_ms, context.stopped_ms)
     await check_subscriptions(
         verdict, context.kafka, context.topics, logs.topic_sizes,
         (replayed.notices, replayed.subscribers, replayed.subscribes), logs.changelog, logs.dlq,
@@ -376,12 +372,21 @@ def replay(
     context: Context,
     changelog: Mapping[str, tuple[int, Promise]],
     twice: Twice,
+    purges: Mapping[int, list[Purge]],
 ) -> Replayer:
-    """Replay every partition; one Replayer suffices because a promise lives on one partition."""
-    replayer = Replayer(verdict, {k: list(v) for k, v in replies.items()}, context.limits.max_subscriptions)
-    for partition in sorted(valid):
-        for record, command in applications(valid[partition], twice.get(partition)):
+    """Replay every partition, each purge before the first command of its step; one Replayer suffices
+    because a promise lives on one partition."""
+    replayer = Replayer(
+        verdict, {k: list(v) for k, v in replies.items()}, context.limits.max_subscriptions, context.retention_ms
+    )
+    for partition in sorted(set(valid) | set(purges)):
+        waiting = list(reversed(purges.get(partition, [])))
+        for record, command in applications(valid.get(partition, []), twice.get(partition)):
+            while waiting and waiting[-1].before <= record.offset:
+                replayer.purge(waiting.pop())
             replayer.apply(record, command)
+        while waiting:  # steps after the partition's last valid command
+            replayer.purge(waiting.pop())
     replayer.finish(context.stopped_ms, changelog)
     verdict.figure("commands replayed", replayer.judged)
     verdict.figure(
@@ -389,6 +394,15 @@ def replay(
         f"{replayer.ambiguous['judged']} (matched the command's time {replayer.ambiguous['low']}, "
         f"the reply's {replayer.ambiguous['high']})",
     )
+    if context.retention_ms is not None or replayer.purged:
+        late = sorted(replayer.lateness)
+        median = late[len(late) // 2] if late else 0
+        verdict.figure(
+            "purges (changelog tombstones, replayed)",
+            f"{replayer.purged.total()} of {len(replayer.purged)} ids (retention {context.retention_ms} ms; "
+            f"step after the retention ran out: median {median} ms, max {late[-1] if late else 0} ms); "
+            f"{replayer.recreated} ids created anew after a purge",
+        )
     return replayer
 
 
@@ -404,7 +418,7 @@ def check_events(verdict: Verdict, events: list[ConsumerRecord], replayer: Repla
     for promise_id in sorted(set(actual) | set(replayer.events)):
         history = actual.get(promise_id, [])
         kinds.update(e.type for e in history)
-        check_history(verdict, promise_id, history)
+        check_history(verdict, promise_id, history, replayer.purged[promise_id])
         expected = replayer.events.get(promise_id, [])
         if [e.type for e in history] != [e.type for e in expected]:
             verdict.violate(
@@ -422,22 +436,39 @@ def check_events(verdict: Verdict, events: list[ConsumerRecord], replayer: Repla
     verdict.figure("events", f"{len(events)} ({', '.join(f'{k} {n}' for k, n in kinds.most_common())})")
 
 
-def check_history(verdict: Verdict, promise_id: str, history: list[Event]) -> None:
-    """Created first, at most one completion, nothing after it, no event twice."""
+def split_lives(history: list[Event]) -> list[list[Event]]:
+    """A history cut where a `created` follows a completion: a purge frees the id, and a later create
+    starts a new life (whether a purge came between is checked against the replay)."""
+    lives: list[list[Event]] = [[]]
+    for event in history:
+        if event.type == "created" and any(e.type in COMPLETIONS for e in lives[-1]):
+            lives.append([])
+        lives[-1].append(event)
+    return lives if history else []
+
+
+def check_history(verdict: Verdict, promise_id: str, history: list[Event], purges: int = 0) -> None:
+    """No event twice; each life of the id (`split_lives`: at most `purges` + 1) created first, with at most
+    one completion and nothing after it."""
     types = [e.type for e in history]
-    if types and types[0] != "created":
-        verdict.violate("history does not start with created", f"{promise_id}: {types}")
-    completions = [i for i, t in enumerate(types) if t in COMPLETIONS]
-    if len(completions) > 1 or types.count("created") > 1:
-        seen: set[bytes] = set()
-        for event in history:
-            fingerprint = repr((event.type, event.promise, event.request_id)).encode()
-            if fingerprint in seen:
-                verdict.duplicate("event emitted twice", f"{promise_id}: {types}")
-            seen.add(fingerprint)
-        verdict.violate("more than one creation or completion", f"{promise_id}: {types}")
-    elif completions and completions[0] != len(types) - 1:
-        verdict.violate("event after the completion", f"{promise_id}: {types}")
+    seen: set[bytes] = set()
+    for event in history:
+        fingerprint = repr((event.type, event.promise, event.request_id)).encode()
+        if fingerprint in seen:
+            verdict.duplicate("event emitted twice", f"{promise_id}: {types}")
+        seen.add(fingerprint)
+    lives = split_lives(history)
+    if len(lives) > purges + 1:
+        verdict.violate("created again without a purge", f"{promise_id}: {types}, {purges} purges")
+    for life in lives:
+        kinds = [e.type for e in life]
+        if kinds[0] != "created":
+            verdict.violate("history does not start with created", f"{promise_id}: {types}")
+        completions = [i for i, t in enumerate(kinds) if t in COMPLETIONS]
+        if len(completions) > 1 or kinds.count("created") > 1:
+            verdict.violate("more than one creation or completion", f"{promise_id}: {types}")
+        elif completions and completions[0] != len(kinds) - 1:
+            verdict.violate("event after the completion", f"{promise_id}: {types}")
 
 
 def check_final(
