@@ -215,7 +215,7 @@ class Partition:
         due = self.store.due(now, timers, timer_bytes or self.max_batch_bytes) if sweep else []
         if sweep and not due:  # the earliest timeout was completed meanwhile: look again
             self.next_deadline = self.store.next_deadline()
-        expired = self._expired(now, timers)
+        expired = self._expired(now, timers - len(due))  # purges share the timeouts' budget
         effects = apply_batch(
             self.route, self, fresh, due, now, reply_topics, refusals, transaction=transaction, expired=expired
         )

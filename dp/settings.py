@@ -230,12 +230,14 @@ class ProcessorSettings(Settings):
     def __post_init__(self) -> None:
         if self.retention:
             try:
-                duration_seconds(self.retention)
+                positive = duration_seconds(self.retention) > 0
             except ValueError:
+                positive = False
+            if not positive:
                 raise BadSetting(
-                    f"retention {self.retention!r} is not a duration: use e.g. 7d, 12h or 30m in --retention or "
-                    "DP_RETENTION, or leave it empty to keep completed promises forever."
-                ) from None
+                    f"retention {self.retention!r} is not a positive duration: use e.g. 7d, 12h or 30m in "
+                    "--retention or DP_RETENTION, or leave it empty to keep completed promises forever."
+                )
         if self.block_cache_mb < 1:
             raise BadSetting("block_cache_mb must be at least 1: fix --block-cache-mb or DP_BLOCK_CACHE_MB.")
         if not 1 <= self.max_subscriptions <= MAX_SUBSCRIPTIONS:

@@ -137,7 +137,8 @@ def test_the_subscription_bound_keeps_a_record_within_what_kafka_takes() -> None
 def test_retention_and_the_block_cache_are_checked_when_settings_are_made() -> None:
     assert ProcessorSettings(retention="7d").retention_ms == 7 * 86_400_000
     assert ProcessorSettings().retention_ms is None
-    with pytest.raises(BadSetting, match="--retention"):
-        ProcessorSettings(retention="a week")
+    for wrong in ("a week", "0", "0s"):
+        with pytest.raises(BadSetting, match="--retention"):
+            ProcessorSettings(retention=wrong)
     with pytest.raises(BadSetting, match="--block-cache-mb"):
         ProcessorSettings(block_cache_mb=0)
