@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from consumers.effects import Effects, Incoming, Outgoing, Route, TopicInfo, apply_batch
 from consumers.restore import StoreAhead, restore
 from consumers.store import PROGRESS_KEY, DataDir, PartitionStore, progress_record
+from dp.machine import purge_at
 from dp.settings import Kafka
 from dp.subscriptions import Subscribers
 from dp.wire import Position, Promise
@@ -170,9 +171,7 @@ class Partition:
 
     def _first_purge(self) -> int | None:
         assert self.store is not None, "partition is not open"
-        retention = self.route.retention_ms
-        first = self.store.first_completed() if retention is not None else None
-        return None if first is None or retention is None else first + retention
+        return self.store.next_purge(self.route.retention_ms)
 
     def has_work(self, now: int) -> bool:
         return bool(self._queue) or self.due(now) or self.purge_due(now)
@@ -225,12 +224,12 @@ class Partition:
         return Step(self, fresh, due, now, next_offset, effects)
 
     def _expired(self, now: int, limit: int) -> list[Promise]:
-        """At most `limit` completed promises past their retention, oldest first (none without a retention)."""
-        retention = self.route.retention_ms
-        if limit <= 0 or retention is None or not self.purge_due(now):
+        """At most `limit` completed promises past their retention, oldest first."""
+        if limit <= 0 or not self.purge_due(now):
             return []
         assert self.store is not None, "partition is not open"
-        return self.store.completed_by(now - retention, limit)
+        retention = self.route.retention_ms
+        return self.store.expired(None if retention is None else now - retention, now, limit)
 
     def persist(self, step: Step, changelog_end: int) -> None:
         """The step's transaction committed: write its changes and offsets to RocksDB in one batch."""
@@ -249,13 +248,11 @@ class Partition:
         for promise in step.effects.changes.values():
             if promise.state == "PENDING" and (self.next_deadline is None or promise.timeout < self.next_deadline):
                 self.next_deadline = promise.timeout
-        retention = self.route.retention_ms
         if purged:  # the next one to purge is read back (a purge step takes the oldest, maybe not all due)
             self.next_purge = self._first_purge()
-        elif retention is not None:
+        else:
             for promise in step.effects.changes.values():
-                if promise.completed_on is not None:
-                    due = promise.completed_on + retention
+                if (due := purge_at(promise, self.route.retention_ms)) is not None:
                     self.next_purge = due if self.next_purge is None else min(self.next_purge, due)
 
     # --- the committed state as the core reads it (effects.StoreView) ------------------------

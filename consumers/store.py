@@ -8,7 +8,8 @@ never changes meaning, and the prefixes are prefix-free (tested):
                                          and its subscriptions, `dp.subscriptions`)
     b"t" + timeout (8 bytes BE) + id  -> b""   for every PENDING promise: deadlines in order
     b"c" + createdOn (8 bytes BE) + id -> b""  for every promise: search order (read backwards)
-    b"k" + completedOn (8 bytes BE) + id -> b"" for every completed promise: retention, oldest first
+    b"k" + completedOn (8 bytes BE) + id -> b"" for every completed promise kept the processor's retention
+    b"q" + purgeAt (8 bytes BE) + id  -> b""   for every completed promise with its own (`dp:retention`)
     b"o:changelog"                    -> next changelog offset the store reflects (8 bytes BE)
     b"o:commands"                     -> next command offset the store reflects (8 bytes BE)
     b"o:now"                          -> the latest batch time applied (epoch ms, 8 bytes BE)
@@ -50,7 +51,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 
 from dp.errors import DataDirInUse
 from dp.subscriptions import NONE, Subscribers, decode_subscribers
-from dp.wire import Position, Promise, decode_promise, encode
+from dp.wire import RETENTION_TAG, Position, Promise, decode_promise, encode, tag_retention_ms
 
 RECORD = b"p"
 DEADLINE = b"t"
@@ -59,18 +60,21 @@ CREATED = b"c"
 CREATED_END = b"d"
 COMPLETED = b"k"
 COMPLETED_END = b"l"
+PURGE_AT = b"q"
+PURGE_AT_END = b"r"
 CHANGELOG_OFFSET = b"o:changelog"
 COMMAND_OFFSET = b"o:commands"
 LAST_NOW = b"o:now"
 VERSION = b"o:version"
 FORMAT_KEY = b"o:format"
 FORMAT: Final = b"3"
-"""Format 1 had no `c` index and no version; format 2 adds both; format 3 the `k` index."""
+"""Format 1 had no `c` index and no version; format 2 adds both; format 3 the `k` and `q` indexes."""
 KEY_KINDS: Final[dict[str, bytes]] = {
     "record": RECORD,
     "deadline": DEADLINE,
     "created": CREATED,
     "completed": COMPLETED,
+    "purge at": PURGE_AT,
     "changelog offset": CHANGELOG_OFFSET,
     "command offset": COMMAND_OFFSET,
     "last now": LAST_NOW,
@@ -96,8 +100,24 @@ def created_key(created_on: int, promise_id: str) -> bytes:
     return CREATED + TIMEOUT.pack(max(created_on, 0)) + promise_id.encode()
 
 
-def completed_key(completed_on: int, promise_id: str) -> bytes:
-    return COMPLETED + TIMEOUT.pack(max(completed_on, 0)) + promise_id.encode()
+def retention_key(promise_id: str, promise: Promise | Indexed) -> bytes | None:
+    """The index entry that finds a completed promise when its retention is over: by completion time when
+    the processor's retention applies, by purge time when its own tag says, none when that is `forever`."""
+    if promise.completed_on is None:
+        return None
+    given = promise.tags.get(RETENTION_TAG)
+    if given is not None:
+        try:
+            own = tag_retention_ms(given)
+        except ValueError:  # unreadable (written before tags were checked): the processor's retention
+            pass
+        else:
+            return (
+                None
+                if own is None
+                else PURGE_AT + TIMEOUT.pack(max(promise.completed_on + own, 0)) + promise_id.encode()
+            )
+    return COMPLETED + TIMEOUT.pack(max(promise.completed_on, 0)) + promise_id.encode()
 
 
 BLOOM_BITS_PER_KEY: Final = 10
@@ -244,12 +264,21 @@ class PartitionStore:
             iterator.next()
         return found
 
-    def completed_by(self, end: int, limit: int) -> list[Promise]:
-        """Completed promises whose `completedOn` is at or before `end`, oldest first, at most `limit`."""
+    def expired(self, completed_by: int | None, now: int, limit: int) -> list[Promise]:
+        """At most `limit` completed promises whose retention is over: kept by the processor's retention and
+        completed at or before `completed_by` (None: that retention is forever), or with their own and due
+        at `now`; oldest first within each."""
         found: list[Promise] = []
-        bound = COMPLETED + TIMEOUT.pack(end + 1)
+        if completed_by is not None:
+            found.extend(self._indexed(COMPLETED, completed_by, limit))
+        found.extend(self._indexed(PURGE_AT, now, limit - len(found)))
+        return found
+
+    def _indexed(self, prefix: bytes, end: int, limit: int) -> list[Promise]:
+        found: list[Promise] = []
+        bound = prefix + TIMEOUT.pack(end + 1)
         iterator = self._db.iter()
-        iterator.seek(COMPLETED)
+        iterator.seek(prefix)
         while len(found) < limit and iterator.valid() and iterator.key() < bound:
             raw = self._db.get(record_key(iterator.key()[1 + TIMEOUT.size :].decode()))
             if raw is not None:
@@ -257,11 +286,18 @@ class PartitionStore:
             iterator.next()
         return found
 
-    def first_completed(self) -> int | None:
-        """The earliest `completedOn` among completed promises, if any."""
+    def next_purge(self, retention_ms: int | None) -> int | None:
+        """When the next purge is due: the oldest completion plus `retention_ms`, or an own purge time."""
+        times = [self._first(PURGE_AT, PURGE_AT_END)]
+        if retention_ms is not None and (completed := self._first(COMPLETED, COMPLETED_END)) is not None:
+            times.append(completed + retention_ms)
+        due = [time for time in times if time is not None]
+        return min(due) if due else None
+
+    def _first(self, prefix: bytes, end: bytes) -> int | None:
         iterator = self._db.iter()
-        iterator.seek(COMPLETED)
-        if iterator.valid() and iterator.key() < COMPLETED_END:
+        iterator.seek(prefix)
+        if iterator.valid() and iterator.key() < end:
             return int(TIMEOUT.unpack_from(iterator.key(), 1)[0])
         return None
 
@@ -377,6 +413,7 @@ class Indexed(msgspec.Struct, gc=False, rename="camel"):
     timeout: int
     created_on: int
     completed_on: int | None = None
+    tags: dict[str, str] = {}
 
 
 decode_indexed = msgspec.json.Decoder(Indexed).decode
@@ -411,8 +448,8 @@ def stage(batch: WriteBatch, promise_id: str, value: bytes, promise: Promise | I
         batch.put(index, b"")
     else:
         batch.delete(index)
-        if promise.completed_on is not None:
-            batch.put(completed_key(promise.completed_on, promise_id), b"")
+        if (retention := retention_key(promise_id, promise)) is not None:
+            batch.put(retention, b"")
 
 
 def unstage(batch: WriteBatch, promise_id: str, promise: Promise | Indexed) -> None:
@@ -420,5 +457,5 @@ def unstage(batch: WriteBatch, promise_id: str, promise: Promise | Indexed) -> N
     batch.delete(record_key(promise_id))
     batch.delete(created_key(promise.created_on, promise_id))
     batch.delete(deadline_key(promise.timeout, promise_id))
-    if promise.completed_on is not None:
-        batch.delete(completed_key(promise.completed_on, promise_id))
+    if (retention := retention_key(promise_id, promise)) is not None:
+        batch.delete(retention)

@@ -27,6 +27,7 @@ import msgspec
 
 from dp.wire import (
     OK_STATUSES,
+    RETENTION_TAG,
     Cancel,
     Completion,
     Create,
@@ -42,6 +43,7 @@ from dp.wire import (
     Status,
     Value,
     op_name,
+    tag_retention_ms,
 )
 
 TIMER_TAG: Final = "resonate:timeout"
@@ -104,11 +106,30 @@ def expire(promise: Promise, now: int) -> Outcome | None:
     return Outcome(TIMEDOUT, done, (Event("timedout", done, None),))
 
 
-def retention_over(promise: Promise, now: int, retention_ms: int | None) -> bool:
-    """Whether a promise is to be purged at `now`: completed, and kept `retention_ms` since (None: forever).
-    After the purge its id is Init again: a get finds nothing, a create makes a new promise."""
+def retention_of(promise: Promise, default_ms: int | None) -> int | None:
+    """How long a completed promise is kept: its `dp:retention` tag, else the processor's `default_ms`
+    (None: forever). A tag this version cannot read (written before tags were checked) counts as absent."""
+    given = promise.tags.get(RETENTION_TAG)
+    if given is None:
+        return default_ms
+    try:
+        return tag_retention_ms(given)
+    except ValueError:
+        return default_ms
+
+
+def purge_at(promise: Promise, default_ms: int | None) -> int | None:
+    """When a promise is to be purged: never while pending, else its completion plus its retention."""
+    retention = retention_of(promise, default_ms)
     completed_on = promise.completed_on
-    return retention_ms is not None and completed_on is not None and completed_on + retention_ms <= now
+    return None if retention is None or completed_on is None else completed_on + retention
+
+
+def retention_over(promise: Promise, now: int, default_ms: int | None) -> bool:
+    """Whether a promise is to be purged at `now` (see `purge_at`). After the purge its id is Init again:
+    a get finds nothing, a create makes a new promise."""
+    at = purge_at(promise, default_ms)
+    return at is not None and at <= now
 
 
 def reply_for(command: PromiseCommand, outcome: Outcome) -> Reply:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Self, TypeVar
 
+from dp.durations import duration_seconds
 from dp.errors import DpError
 from dp.wire import DEFAULT_LIMITS, Limits
 
@@ -119,18 +120,6 @@ class Settings:
         return cls(**values, **parts, **given)
 
 
-_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION: Final = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h|d)?")
-
-
-def duration_seconds(text: str) -> float:
-    """Seconds from `30s`, `5m`, `1h`, `2d`, `250ms` or a plain number of seconds; ValueError otherwise."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration")
-    return float(match[1]) * _UNITS[match[2] or "s"]
-
-
 def _parser(hint: Any) -> Callable[[str], Any]:
     """The type to parse a flag or variable with: the field's type, without `| None`."""
     options = [option for option in typing.get_args(hint) if option is not type(None)] or [hint]
@@ -220,7 +209,8 @@ class ProcessorSettings(Settings):
     retention: str = setting(
         "",
         "how long a completed promise is kept after it completed (e.g. 7d, 12h; empty: forever); after it the "
-        "promise is purged and its id is free again: get answers not_found, create makes a new promise",
+        "promise is purged and its id is free again: get answers not_found, create makes a new promise; a "
+        "promise's tag dp:retention (a duration, or forever) overrides it",
     )
     reply_topic_prefixes: str = setting(
         "", "comma-separated prefixes a command's replyTo must start with (default: any topic not the deployment's own)"

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from dp.durations import duration_seconds
 from dp.explain import invalid_document, malformed_json
 
 State = Literal["PENDING", "RESOLVED", "REJECTED", "REJECTED_CANCELED", "REJECTED_TIMEDOUT"]
@@ -322,12 +323,28 @@ def _envelope(data: bytes) -> _Envelope | None:
         return None
 
 
+RETENTION_TAG: Final = "dp:retention"
+"""A promise's own retention, overriding the processor's `--retention`: a duration, or `forever`."""
+FOREVER: Final = "forever"
+
+
+def tag_retention_ms(text: str) -> int | None:
+    """The retention a `dp:retention` tag asks for, in milliseconds (None: forever); ValueError if neither."""
+    if text.strip().lower() == FOREVER:
+        return None
+    seconds = duration_seconds(text)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not a positive duration")
+    return int(seconds * 1000)
+
+
 def _check_sizes(command: Command, limits: Limits) -> None:
     id_bytes = len(command.id.encode())
     if id_bytes > limits.max_id_bytes:
         raise InvalidCommand(f"`id`: must be at most {limits.max_id_bytes} UTF-8 bytes, got {id_bytes}")
     if type(command) is Create:
         _check_data("param", command.param, limits)
+        _check_retention_tag(command)
     elif isinstance(command, Completion):
         _check_data("value", command.value, limits)
     elif type(command) is Subscribe:
@@ -381,6 +398,19 @@ def _check_target(command: Subscribe, limits: Limits) -> None:
             raise InvalidCommand(
                 f"`target.headers`: must be at most {limits.max_webhook_header_bytes} bytes together, as JSON"
             )
+
+
+def _check_retention_tag(command: Create) -> None:
+    given = command.tags.get(RETENTION_TAG)
+    if given is None:
+        return
+    try:
+        tag_retention_ms(given)
+    except ValueError:
+        raise InvalidCommand(
+            f"`tags.{RETENTION_TAG}`: {given[:100]!r} is not a retention; write a duration such as 30d or 12h, "
+            f"or {FOREVER!r}"
+        ) from None
 
 
 def _check_data(field: str, value: Value, limits: Limits) -> None:

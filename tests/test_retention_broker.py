@@ -76,3 +76,21 @@ async def test_compaction_then_removes_purged_promises_from_the_changelog(
             await asyncio.gather(*(promises.get(f"tick-{n}") for n in range(4 * TEST_PARTITIONS)))
             await asyncio.sleep(1.0)
         assert {(await promises.get(id)).status for id in done} == {"not_found"}
+
+
+async def test_a_promise_tagged_with_its_own_retention_is_purged_at_its_own_time(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess]
+) -> None:
+    spawn("a")  # no --retention: everything else is kept forever
+    short, plain = unique("short"), unique("plain")
+    async with Promises(kafka=kafka, topics=topics) as promises:
+        await promises.create(short, timeout=3600, tags={"dp:retention": "1s"})
+        await promises.create(plain, timeout=3600)
+        await asyncio.gather(promises.resolve(short), promises.resolve(plain))
+        deadline = time.monotonic() + 60
+        while (await promises.get(short)).status != "not_found":
+            assert time.monotonic() < deadline, "the promise with its own retention was not purged in time"
+            await asyncio.sleep(0.5)  # purged on the processor's clock, a second after it completed
+        assert (await promises.get(plain)).status == "found"
+        refused = await promises.create(unique("odd"), timeout=3600, tags={"dp:retention": "a while"})
+        assert refused.status == "invalid" and "dp:retention" in (refused.error or "")

@@ -10,7 +10,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from dp.settings import Kafka, Topics, add_flags, duration_seconds, from_flags
+from dp.durations import duration_seconds
+from dp.settings import Kafka, Topics, add_flags, from_flags
 
 EXIT_OK, EXIT_KO, EXIT_USAGE = 0, 1, 2
 EXIT_CODES: Final = "exit status: 0 ok, 1 refused (a KO status, explained on stderr), 2 usage or connection error"

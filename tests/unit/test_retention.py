@@ -39,10 +39,21 @@ def run(store: MemoryStore, *commands: dict[str, object], expired: list[Promise]
         (promise(state="PENDING", completed_on=None), RETENTION, False),  # pending: never
         (promise(state="REJECTED_TIMEDOUT"), RETENTION, True),
         (promise(), None, False),  # no retention: forever
+        (promise(completed_on=NOW - 1_000, tags={"dp:retention": "1s"}), RETENTION, True),  # its own, shorter
+        (promise(completed_on=NOW - 1_000, tags={"dp:retention": "1s"}), None, True),  # even with none set
+        (promise(tags={"dp:retention": "2m"}), RETENTION, False),  # its own, longer
+        (promise(tags={"dp:retention": "forever"}), RETENTION, False),
+        (promise(tags={"dp:retention": "soon"}), RETENTION, True),  # unreadable (older records): the default
     ],
 )
 def test_the_purge_rule(record: Promise, retention: int | None, over: bool) -> None:
     assert retention_over(record, NOW, retention) is over
+
+
+def test_a_create_with_an_unreadable_retention_tag_is_invalid() -> None:
+    effects = run(MemoryStore(), {"op": "create", "timeout": NOW + 5, "tags": {"dp:retention": "a while"}})
+    (reply,) = [decode_reply(m.value or b"") for m in effects.messages if m.topic == TOPICS.replies]
+    assert reply.status == "invalid" and "`tags.dp:retention`" in (reply.error or "")
 
 
 def test_a_purge_writes_a_tombstone_and_no_event_and_frees_the_id() -> None:

@@ -95,12 +95,23 @@ def test_completed_promises_are_found_oldest_first_and_a_purge_leaves_no_key(tmp
     store = PartitionStore(tmp_path)
     done = [completed("a", 1, 30), completed("b", 2, 10), completed("c", 3, 20)]
     store.write([(p, encode(p)) for p in done], 1, 1, 1_000, 3)
-    assert store.first_completed() == 10
-    assert [p.id for p in store.completed_by(20, 10)] == ["b", "c"]
-    assert [p.id for p in store.completed_by(30, 1)] == ["b"]
+    assert store.next_purge(5) == 15 and store.next_purge(None) is None
+    assert [p.id for p in store.expired(20, 1_000, 10)] == ["b", "c"]
+    assert [p.id for p in store.expired(30, 1_000, 1)] == ["b"]
+    assert store.expired(None, 1_000, 10) == []  # the processor keeps them forever
     store.write([], 2, 2, 1_000, 5, purged=done[1:])
-    assert set(store.records()) == {"a"} and store.first_completed() == 30
+    assert set(store.records()) == {"a"} and store.next_purge(0) == 30
     assert all(key.endswith(b"a") for key in keys(store))
+
+
+def test_a_promise_with_its_own_retention_is_found_at_its_own_time(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path)
+    own = msgspec.structs.replace(completed("own", 1, 10), tags={"dp:retention": "1s"})
+    kept = msgspec.structs.replace(completed("kept", 1, 10), tags={"dp:retention": "forever"})
+    store.write([(p, encode(p)) for p in (own, kept, completed("plain", 1, 20))], 1, 1, 1_000, 3)
+    assert store.next_purge(None) == 1_010 and store.next_purge(100) == 120
+    assert [p.id for p in store.expired(None, 1_010, 10)] == ["own"]
+    assert [p.id for p in store.expired(20, 1_009, 10)] == ["plain"]  # "kept" is found never
 
 
 def test_a_tombstone_restores_as_a_purge_and_the_id_can_live_again(tmp_path: Path) -> None:
@@ -110,6 +121,6 @@ def test_a_tombstone_restores_as_a_purge_and_the_id_can_live_again(tmp_path: Pat
     store.write_raw([(2, b"b", None, [])], 3)  # tombstoned in a later restore batch: read from the store
     store.write_raw([(3, b"a", None, []), (4, b"a", encode(again), [])], 5)  # purged and created in one batch
     assert store.records() == {"a": again}
-    assert [id for _, id in store.newest(None)] == ["a"] and store.first_completed() is None
+    assert [id for _, id in store.newest(None)] == ["a"] and store.next_purge(0) is None
     assert sorted(keys(store)) == sorted([b"pa", b"c" + (50).to_bytes(8, "big") + b"a",
                                           b"t" + (5_000).to_bytes(8, "big") + b"a"])  # fmt: skip
