@@ -364,6 +364,16 @@ class Spawned:
         self.processes.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT))
         return self.processes[-1]
 
+    def processors(self, count: int, connection: tuple[str, ...], group: str) -> list[subprocess.Popen[bytes]]:
+        """`count` `dp serve` processes of `group` (`connection`: their Kafka and topic flags), each with a
+        data dir of its own in the scratch dir."""
+        return [
+            self.start(
+                "-m", "dp.cli", "serve", *connection, "--group", group, "--data-dir", str(self.scratch / f"data-{n}")
+            )
+            for n in range(count)
+        ]
+
     def log(self, process: subprocess.Popen[bytes]) -> Path:
         """Where `process` writes: an error about a process that died can quote it."""
         return self.scratch / f"{self.processes.index(process)}.log"

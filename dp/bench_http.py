@@ -389,12 +389,7 @@ async def run_http_bench(options: HttpBenchOptions) -> HttpReport:
     try:
         if options.spawn:
             await create_topics(options.kafka, topics, options.partitions)
-            for n in range(options.spawn):
-                data_dir = str(spawned.scratch / f"data-{n}")
-                serve = spawned.start(
-                    "-m", "dp.cli", "serve", *connection, "--group", f"dpbench-{run}", "--data-dir", data_dir
-                )
-                processors.append(serve.pid)
+            processors = [serve.pid for serve in spawned.processors(options.spawn, connection, f"dpbench-{run}")]
             address = f"127.0.0.1:{free_port()}"
             url = f"http://{address}"
             gateway = spawned.start("-m", "dp.cli", "gateway", *connection, "--listen", address)

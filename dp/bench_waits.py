@@ -89,9 +89,7 @@ async def run_wait_bench(options: WaitBenchOptions) -> WaitReport:
     try:
         if options.spawn:
             await create_topics(options.kafka, topics, options.partitions)
-            for n in range(options.spawn):
-                data_dir = str(spawned.scratch / f"data-{n}")
-                spawned.start("-m", "dp.cli", "serve", *connection, "--group", f"dpbench-{run}", "--data-dir", data_dir)
+            spawned.processors(options.spawn, connection, f"dpbench-{run}")
         partitions = await check_topics(options.kafka, topics)
         async with Replies(options.kafka, topics.replies, decode=False) as replies:
             try:

@@ -78,7 +78,30 @@ def script_broker() -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
-class ServeProcess:
+class Service:
+    """A `dp` service as an OS process: stopped with SIGTERM, or killed with -9, like an operator would."""
+
+    process: subprocess.Popen[bytes] | None
+
+    def stop(self, seconds: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(seconds)
+
+    def kill(self) -> None:
+        """kill -9: no chance to finish anything."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class ServeProcess(Service):
     """One `dp serve` OS process, so that tests can kill -9, SIGSTOP and restart it like an operator."""
 
     def __init__(
@@ -115,29 +138,12 @@ class ServeProcess:
         assert self.process is not None
         self.process.send_signal(sig)
 
-    def kill(self) -> None:
-        """kill -9: no chance to finish anything."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self, seconds: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(seconds)
-
     def owned(self) -> set[int]:
         """The partitions this process serves now, from its log ("partition N: open" / "closed")."""
         owned: set[int] = set()
         for number, change in re.findall(r"partition (\d+): (open|closed)", self.log.read_text()):
             (owned.add if change == "open" else owned.discard)(int(number))
         return owned
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def peak_rss_bytes(self) -> int:
         """The process's peak resident memory so far (VmHWM), while it runs."""
@@ -147,7 +153,7 @@ class ServeProcess:
         return int(kib) * 1024
 
 
-class GatewayProcess:
+class GatewayProcess(Service):
     """One `dp gateway` OS process on a free port of 127.0.0.1, started and stopped like an operator would."""
 
     def __init__(self, bootstrap_servers: str, topics: Topics, log: Path, env: dict[str, str] | None = None) -> None:
@@ -197,25 +203,8 @@ class GatewayProcess:
     def ready(self) -> bool:
         return self.answers("/readyz") == 200
 
-    def stop(self, seconds: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(seconds)
 
-    def kill(self) -> None:
-        """kill -9."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-
-class WebhooksProcess:
+class WebhooksProcess(Service):
     """One `dp webhooks` OS process, started, stopped and killed like an operator would."""
 
     def __init__(self, bootstrap_servers: str, topics: Topics, log: Path, env: dict[str, str] | None = None) -> None:
@@ -250,19 +239,6 @@ class WebhooksProcess:
     def assignments(self) -> int:
         """How many times its runs were assigned partitions so far, from the log."""
         return self.log.read_text().count("assigned partitions") if self.log.exists() else 0
-
-    def stop(self, seconds: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(seconds)
-
-    def kill(self) -> None:
-        """kill -9."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def launcher(clock_offset_ms: int) -> list[str]:
