@@ -4,17 +4,23 @@ ones stay; a purged id can be created anew."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from consumers.partition import Partition
 from consumers.store import PartitionStore
 from dp.client import Promises
 from dp.settings import Kafka, Topics
 from dp.topics import config_of
-from tests.support import TEST_PARTITIONS, ServeProcess, unique
+from tests.support import TEST_PARTITIONS, ServeProcess, complete, create, now_ms, unique
 from tests.test_commit_path import set_configs
-from tests.wire_client import read_topic
+from tests.test_faults import Crash, in_process, partition_0_ids
+from tests.wire_client import WireClient, read_topic
 
 
 def stored(data_dir: Path, group: str) -> dict[str, str]:
@@ -94,3 +100,35 @@ async def test_a_promise_tagged_with_its_own_retention_is_purged_at_its_own_time
         assert (await promises.get(plain)).status == "found"
         refused = await promises.create(unique("odd"), timeout=3600, tags={"dp:retention": "a while"})
         assert refused.status == "invalid" and "dp:retention" in (refused.error or "")
+
+
+async def test_a_crash_between_the_purges_commit_and_the_rocksdb_write_loses_and_repeats_nothing(
+    kafka: Kafka, topics: Topics, spawn: Callable[..., ServeProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purges' transaction commits its tombstones and the process dies before RocksDB deletes anything: the
+    restarted owner applies the tombstones on restore, so the ids are gone and nothing is purged twice."""
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    ids = partition_0_ids("purged", 20)
+    first = spawn("a", group=group)  # no retention: the promises complete and stay
+    async with WireClient(kafka, topics) as client:
+        await client.wait_for(await client.send_all([create(i) for i in ids]))
+        await client.wait_for(await client.send_all([complete("resolve", i) for i in ids]))
+    assert first.stop() == 0
+
+    monkeypatch.setattr(Partition, "persist", lambda *_: (_ for _ in ()).throw(Crash))
+    async with in_process(kafka, topics, tmp_path / "data-a", group) as dying:
+        partition = dying.partition
+        partition.route = dataclasses.replace(partition.route, retention_ms=1)
+        partition.next_purge = partition._first_purge()
+        assert partition.next_purge is not None and partition.purge_due(now_ms())
+        with pytest.raises(Crash):
+            await dying.committer.cycle()
+        assert partition.store is not None and set(partition.store.records()) == set(ids)  # RocksDB untouched
+    monkeypatch.undo()
+    restarted = spawn("a", group=group, options=("--retention", "1ms"))
+    async with Promises(kafka=kafka, topics=topics) as promises:
+        assert {(await promises.get(i)).status for i in ids} == {"not_found"}
+    assert restarted.stop() == 0
+    assert not set(stored(tmp_path / "data-a", group)) & set(ids)
+    tombstones = [r.key for r in await read_topic(kafka, topics.changelog) if r.key and r.value is None]
+    assert sorted(tombstones) == sorted(i.encode() for i in ids)  # one purge each, across the crash
